@@ -1,0 +1,99 @@
+"Core: seeding, profiles, the run directory's manifest under failure and kill."
+import json, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+import numpy as np, pytest, torch
+from mri_protodiff.core import (seed_everything, get_profile, Profile, RunDir, write_json, read_json,
+                                hash_inputs, open_run)
+
+def test_same_seed_same_draws():
+    seed_everything(123); a = np.random.rand(10), torch.randn(10)
+    seed_everything(123); b = np.random.rand(10), torch.randn(10)
+    assert np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    seed_everything(124); assert not torch.equal(torch.randn(10), a[1])
+
+def test_profiles_are_flat_and_roundtrip():
+    for name in ("smoke", "quick", "paper"):
+        p = get_profile(name)
+        d = json.loads(json.dumps(p.to_dict()))
+        assert all(not isinstance(v, dict) for v in d.values())
+        assert Profile.from_dict(d) == p
+    assert get_profile("paper").image_size == 256 and get_profile("paper").sample_steps == 200
+
+def test_manifest_records_versions_and_commit(tmp_run):
+    rd = RunDir(tmp_run, get_profile("smoke"))
+    m = rd.manifest
+    assert m["environment"]["packages"]["torch"] == torch.__version__.split("+")[0] or m["environment"]["packages"]["torch"]
+    assert m["environment"]["python"].count(".") == 2
+    assert set(m["git"]) == {"commit", "dirty"}
+    # inside this repository checkout the commit is a 40-hex sha
+    if (Path(__file__).parent.parent/".git").exists():
+        assert m["git"]["commit"] and len(m["git"]["commit"]) == 40
+    assert m["profile"]["name"] == "smoke"
+
+def test_stage_skip_redo_force(tmp_run):
+    rd = RunDir(tmp_run, get_profile("smoke")); n = []
+    def f(): n.append(1); (rd/"o.txt").write_text("x")
+    assert rd.run_stage("s", f, {"a": 1}, ["o.txt"]) == "done"
+    assert rd.run_stage("s", f, {"a": 1}, ["o.txt"]) == "skipped"
+    assert rd.run_stage("s", f, {"a": 2}, ["o.txt"]) == "done"
+    assert rd.run_stage("s", f, {"a": 2}, ["o.txt"], force=True) == "done"
+    (rd/"o.txt").unlink()  # an output that disappeared makes the stage not done
+    assert rd.run_stage("s", f, {"a": 2}, ["o.txt"]) == "done"
+    assert len(n) == 4
+
+def test_exception_leaves_stage_not_done_and_rerun_completes(tmp_run):
+    rd = RunDir(tmp_run, get_profile("smoke"))
+    def bad(): (rd/"half.txt").write_text("half"); raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt): rd.run_stage("s", bad, {}, ["half.txt", "full.txt"])
+    assert rd.stage("s")["status"] == "failed" and not rd.is_done("s")
+    def good(): (rd/"half.txt").write_text("ok"); (rd/"full.txt").write_text("ok")
+    assert rd.run_stage("s", good, {}, ["half.txt", "full.txt"]) == "done" and rd.is_done("s")
+
+def _spawn(code, *args):
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+def test_kill_during_stage_leaves_it_not_done(tmp_run):
+    p = _spawn("""
+        import sys, time
+        from mri_protodiff.core import RunDir, get_profile
+        rd = RunDir(sys.argv[1], get_profile('smoke'))
+        def slow():
+            print('started', flush=True); time.sleep(60); (rd/'out.txt').write_text('x')
+        rd.run_stage('slow', slow, {'k': 1}, ['out.txt'])
+    """, tmp_run)
+    assert p.stdout.readline().strip() == "started"
+    p.send_signal(signal.SIGKILL); p.wait()
+    rd = RunDir(tmp_run)
+    assert rd.stage("slow")["status"] == "running" and not rd.is_done("slow", {"k": 1})
+    assert rd.run_stage("slow", lambda: (rd/"out.txt").write_text("x"), {"k": 1}, ["out.txt"]) == "done"
+
+def test_kill_during_manifest_writes_never_leaves_partial_json(tmp_path):
+    path = tmp_path/"m.json"
+    big = {"k%d" % i: "v" * 200 for i in range(20000)}  # ~4 MB, so a kill often lands mid-write
+    write_json(path, {"i": -1, **big})
+    p = _spawn("""
+        import sys
+        from mri_protodiff.core import write_json
+        big = {'k%d' % i: 'v' * 200 for i in range(20000)}
+        i = 0
+        print('go', flush=True)
+        while True:
+            write_json(sys.argv[1], {'i': i, **big}); i += 1
+    """, path)
+    assert p.stdout.readline().strip() == "go"
+    for _ in range(5):
+        time.sleep(0.15)
+        d = read_json(path)            # readable at any moment
+        assert len(d) == 20001
+    p.send_signal(signal.SIGKILL); p.wait()
+    d = read_json(path)
+    assert len(d) == 20001 and d["k0"] == "v" * 200
+    assert [f.name for f in tmp_path.iterdir()] == ["m.json"] or all(
+        f.name == "m.json" or f.name.endswith(".tmp") for f in tmp_path.iterdir())
+
+def test_open_run_keeps_recorded_profile(tmp_run):
+    open_run(tmp_run, "smoke", {"train_steps": "9"})
+    assert open_run(tmp_run).profile.train_steps == 9
+    with pytest.raises(ValueError, match="another profile"):
+        open_run(tmp_run, "quick")
