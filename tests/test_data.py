@@ -1,0 +1,370 @@
+"The slice set, the cache and split, the real-data loaders (files shipped by PyPI packages), the Duke layout and bad input."
+import json, shutil, subprocess, sys, time, warnings
+from pathlib import Path
+import numpy as np
+import pytest
+from PIL import Image
+
+from mri_protodiff.core import RunDir, get_profile
+from mri_protodiff.phantom import LABELS, LABEL_INDEX, array_hash
+from mri_protodiff.data import (SliceSet, phantom_sliceset, run_data, load_sliceset, load_split, make_split, read_any,
+                                read_volume, read_dicom_series, index_folder, write_duke_example, CacheWriter, read_cache)
+
+L = LABEL_INDEX
+
+def _site(pkg):
+    import importlib
+    return Path(importlib.import_module(pkg).__file__).parent
+
+def _run(tmp_path, name="run", **over):
+    return RunDir(tmp_path/name, get_profile("smoke", **over))
+
+def _build(tmp_path, source, name="run", **opts):
+    rd = _run(tmp_path, name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_data(rd, source, **opts)
+    return rd, [str(c.message) for c in caught]
+
+class _Result:
+    def __init__(self, returncode, stdout, stderr): self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+def _cli(*args):
+    "Run `mri-protodiff ARGS` in this process (the console script calls the same `main`), capturing its output."
+    import contextlib, io
+    import mri_protodiff.cli as cli
+    out, err = io.StringIO(), io.StringIO()
+    saved, cli.STAGE_MODULES = cli.STAGE_MODULES, ("data",)     # only this chapter's subcommands: no heavy imports
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try: rc = cli.main([str(a) for a in args])
+            except SystemExit as e: rc = e.code
+    finally: cli.STAGE_MODULES = saved
+    return _Result(rc, out.getvalue(), err.getvalue())
+
+def _failed_cleanly(rd):
+    "The stage is not marked done and left no cache (and no temporary folder) behind."
+    assert rd.stage("data").get("status") == "failed"
+    assert not (rd.root/"data").exists()
+    assert not [p for p in rd.root.iterdir() if p.name.startswith(".data")]
+
+def _png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True); Image.fromarray(arr).save(path)
+
+def _img(seed, shape=(40, 40), dtype=np.uint8):
+    rng = np.random.default_rng(seed)
+    a = np.zeros(shape); a[shape[0] // 4: 3 * shape[0] // 4, shape[1] // 4: 3 * shape[1] // 4] = 1
+    a = a * 0.8 + 0.2 * rng.random(shape)
+    return (a * (255 if dtype == np.uint8 else 65535)).astype(dtype)
+
+# ---------------------------------------------------------------- slice set, cache, split
+
+def test_sliceset_contract():
+    ss = phantom_sliceset(4, 3, 32, seed=0)
+    assert ss.images.shape == (12, 1, 32, 32) and ss.images.dtype == np.float32
+    assert ss.masks.shape == (12, 32, 32) and ss.masks.dtype == np.uint8
+    assert -1 <= ss.images.min() < 0 < ss.images.max() <= 1
+    for k in ("density", "lesion", "slice_index"): assert getattr(ss, k).dtype == np.int64
+    assert ss.n_labels == len(LABELS) and ss.label_names == LABELS and len(ss) == 12
+    sub = ss.subset(np.array([1, 5]))
+    assert len(sub) == 2 and sub.subject.tolist() == [ss.subject[1], ss.subject[5]]
+    with pytest.raises(ValueError, match="masks"):
+        SliceSet(ss.images, ss.masks[:3], ss.density, ss.lesion, ss.subject, ss.slice_index, ss.source)
+
+def test_cli_phantom_quick_profile_cache_split_and_fast_reload(tmp_path):
+    out = tmp_path/"runs"/"x"
+    r = _cli("data", "--source", "phantom", "--profile", "quick", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    prof = get_profile("quick")
+    for f in ("images.npy", "masks.npy", "split.json", "meta.json"): assert (out/"data"/f).exists()
+    t0 = time.perf_counter(); ss = load_sliceset(out); sp = load_split(out); dt = time.perf_counter() - t0
+    assert dt < 1.0, dt
+    assert isinstance(ss.images, np.memmap) and len(ss) == prof.n_subjects * prof.slices_per_subject
+    assert ss.size == (prof.image_size, prof.image_size)
+    subj = {k: set(ss.subject[v]) for k, v in sp.items()}
+    assert not subj["train"] & subj["test"] and not subj["train"] & subj["val"] and not subj["val"] & subj["test"]
+    assert sorted(np.concatenate(list(sp.values()))) == list(range(len(ss)))
+    assert set(ss.density[sp["test"]]) == {0, 1, 2, 3}            # every density class reaches the test set
+    te = load_sliceset(out, "test")
+    assert isinstance(te.images, np.memmap) and not te.images.flags.owndata   # a view of the memory map, not a copy
+    assert np.array_equal(te.images, ss.images[sp["test"]])
+    js = json.loads((out/"data"/"split.json").read_text())
+    assert js["subjects"]["test"] == sorted(set(te.subject))
+    # same profile and seed -> the same bytes, and a second call is skipped
+    rd = RunDir(out)
+    assert run_data(rd) == "skipped"
+
+def test_stage_deterministic_across_runs(tmp_path):
+    a, _ = _build(tmp_path, "phantom", "a"); b, _ = _build(tmp_path, "phantom", "b")
+    sa, sb = load_sliceset(a), load_sliceset(b)
+    assert array_hash(sa.images, sa.masks) == array_hash(sb.images, sb.masks)
+    assert load_split(a)["test"].tolist() == load_split(b)["test"].tolist()
+    assert run_data(a, force=True) == "done"
+
+def test_min_breast_fraction_drops_slices(tmp_path):
+    rd, _ = _build(tmp_path, "phantom", min_breast_fraction=0.2)
+    ss = load_sliceset(rd)
+    meta = json.loads((rd.root/"data"/"meta.json").read_text())
+    assert meta["dropped_slices"] > 0 and len(ss) + meta["dropped_slices"] == 12 * 6
+
+def test_split_is_by_subject_and_stratified():
+    subs = [f"s{i:02d}" for i in range(40)]
+    sp = make_split(subs, [i % 4 for i in range(40)], 0.2, 0.2, seed=3)
+    assert [len(sp[k]) for k in ("train", "val", "test")] == [24, 8, 8]
+    assert sorted({int(s[1:]) % 4 for s in sp["test"]}) == [0, 1, 2, 3]
+    assert make_split(subs, None, 0.2, 0.2, seed=4) != make_split(subs, None, 0.2, 0.2, seed=3)
+
+def test_cache_writer_streams_and_trims(tmp_path):
+    w = CacheWriter(tmp_path/"c", n_max=1000, size=(8, 8))
+    for i in range(3):
+        w.append(dict(images=np.full((2, 1, 8, 8), i / 3, np.float32), masks=np.zeros((2, 8, 8), np.uint8),
+                      density=[0, 0], lesion=[0, 0], subject=[f"s{i}"] * 2, slice_index=[0, 1], source=["x", "y"]))
+    w.close({}, {"ranges": {}})
+    ss = read_cache(tmp_path/"c")
+    assert len(ss) == 6 and (tmp_path/"c"/"images.npy").stat().st_size < 6 * 64 * 4 + 256
+    assert np.allclose(ss.images[4], 2 / 3)
+
+# ---------------------------------------------------------------- real files shipped by packages
+
+def test_nifti_mni152_dipy_and_nibabel_files():
+    mni = read_volume(_site("nilearn")/"datasets"/"data"/"mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", axis=2)
+    S, H, W = mni.data.shape
+    assert S == 189 and (H, W) == (233, 197)                 # RAS: axial slices, rows anterior -> posterior
+    mid = mni.data[S // 2]
+    assert mid[: H // 10].mean() < mid[H // 3: 2 * H // 3].mean()   # air above the head's front, brain in the middle
+    s0 = read_any(_site("dipy")/"data"/"files"/"S0_10slices.nii.gz")  # 4-D with one volume: squeezed
+    assert s0.data.shape == (10, 128, 128)
+    t1 = read_any(_site("dipy")/"data"/"files"/"t1_coronal_slice.npy"); assert t1.data.shape == (1, 256, 256)
+    anat = read_any(_site("nibabel")/"tests"/"data"/"anatomical.nii"); assert anat.data.ndim == 3
+    par = read_any(_site("nibabel")/"tests"/"data"/"phantom_EPI_asc_CLEAR_2_1.PAR", volume_index=0)
+    assert par.data.shape[0] == 9 and np.isfinite(par.data).all()
+
+def test_dicom_bundled_and_compressed():
+    from pydicom.data import get_testdata_file
+    ref = read_any(get_testdata_file("MR_small.dcm"))
+    assert ref.data.shape == (1, 64, 64) and ref.spacing != (1.0, 1.0)
+    for n in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+        assert np.array_equal(read_any(get_testdata_file(n)).data, ref.data), n
+    jls = get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
+    try: read_any(jls)
+    except ValueError as e: assert "MR_small_jpeg_ls_lossless.dcm" in str(e) and "JPEG-LS" in str(e)
+    trunc = get_testdata_file("MR_truncated.dcm")
+    with pytest.raises(ValueError, match="MR_truncated.dcm"): read_any(trunc)
+
+def test_folder_of_real_files_end_to_end(tmp_path):
+    from pydicom.data import get_testdata_file
+    src = tmp_path/"mixed ü folder"; (src/"sub dir").mkdir(parents=True)
+    shutil.copy(_site("nibabel")/"tests"/"data"/"anatomical.nii", src/"anat.nii")
+    shutil.copy(_site("dipy")/"data"/"files"/"t1_coronal_slice.npy", src/"sub dir"/"t1 é.npy")
+    shutil.copy(get_testdata_file("MR_small_RLE.dcm"), src/"mr.dcm")
+    rd, msgs = _build(tmp_path, f"folder:{src}")
+    ss = load_sliceset(rd)
+    assert sorted(set(ss.subject)) == ["anat", "mr", "sub dir/t1 é"]
+    assert len(ss) == 25 + 1 + 1 and ss.size == (32, 32)
+    assert any(s.endswith("t1 é.npy") for s in ss.source) and any(s.endswith("anat.nii:3") for s in ss.source)
+    assert (ss.masks == 1).any() and set(np.unique(ss.masks)) <= {0, 1}     # automatic foreground masks
+    assert -1 <= ss.images.min() and ss.images.max() <= 1
+
+# ---------------------------------------------------------------- image folders: bit depth, labels, masks
+
+def test_png_jpeg_tiff_8_and_16_bit_labels_from_folders(tmp_path):
+    import tifffile
+    src = tmp_path/"imgs"
+    _png(src/"fatty"/"a.png", _img(0)); _png(src/"scattered"/"b.png", _img(1, dtype=np.uint16))
+    Image.fromarray(_img(2)).save((src/"heterogeneous").mkdir(parents=True) or src/"heterogeneous"/"c.jpg", quality=95)
+    (src/"extremely_dense").mkdir(); tifffile.imwrite(src/"extremely_dense"/"d.tif", _img(3, dtype=np.uint16))
+    rd, _ = _build(tmp_path, f"folder:{src}", labels_from_folders="density")
+    ss = load_sliceset(rd)
+    assert dict(zip(ss.subject, ss.density)) == {"fatty/a": 0, "scattered/b": 1, "heterogeneous/c": 2, "extremely_dense/d": 3}
+    # 16-bit images keep their dynamic range: after scaling the square is bright and the background dark
+    i16 = list(ss.subject).index("extremely_dense/d")
+    assert ss.images[i16, 0, 16, 16] > 0.5 and ss.images[i16, 0, 1, 1] < -0.5
+
+def test_labels_csv_masks_and_subject_regex(tmp_path):
+    src, msk = tmp_path/"d", tmp_path/"m"
+    for i in range(4):
+        _png(src/f"pat{i // 2}_img{i}.png", _img(i))
+        m = np.zeros((40, 40), np.uint8); m[10:30, 10:30] = L["fgt"]; m[18:22, 18:22] = L["lesion"] * (i % 2)
+        _png(msk/f"pat{i // 2}_img{i}.png", m)
+    (tmp_path/"labels.csv").write_text("file,density,lesion\n" + "".join(f"pat{i // 2}_img{i}.png,{'abcd'[i]},{i % 2}\n" for i in range(4)))
+    rd, _ = _build(tmp_path, f"folder:{src}", labels_csv=str(tmp_path/"labels.csv"), masks=str(msk), subject_regex=r"(pat\d+)_")
+    ss = load_sliceset(rd)
+    assert sorted(set(ss.subject)) == ["pat0", "pat1"]
+    order = np.argsort([Path(s).name for s in ss.source])
+    assert ss.density[order].tolist() == [0, 1, 2, 3] and ss.lesion[order].tolist() == [0, 1, 0, 1]
+    assert ((ss.masks == L["lesion"]).any((1, 2)) == (ss.lesion == 1)).all()
+    assert (ss.masks == L["fgt"]).mean() > 0.1
+
+def test_mixed_sizes_and_rgb_are_said(tmp_path):
+    src = tmp_path/"d"
+    _png(src/"small.png", _img(0, (30, 30))); _png(src/"big.png", _img(1, (70, 50)))
+    _png(src/"colour.png", np.stack([_img(2)] * 3, -1))
+    rd, msgs = _build(tmp_path, f"folder:{src}")
+    assert any("different sizes" in m and "resized to 32x32" in m for m in msgs), msgs
+    assert any("RGB" in m and "colour.png" in m for m in msgs), msgs
+    assert len(load_sliceset(rd)) == 3
+    assert any("RGB" in n for n in json.loads((rd.root/"data"/"meta.json").read_text())["notes"])
+
+# ---------------------------------------------------------------- bad input: one clear message, nothing half-written
+
+def test_empty_folder(tmp_path):
+    (tmp_path/"empty").mkdir(); rd = _run(tmp_path)
+    with pytest.raises(ValueError, match=r"empty.*empty"): run_data(rd, f"folder:{tmp_path/'empty'}")
+    _failed_cleanly(rd)
+
+def test_non_image_files_skipped_and_counted_error_if_nothing_remains(tmp_path):
+    src = tmp_path/"d"; src.mkdir()
+    (src/"notes.txt").write_text("x"); (src/"table.json").write_text("{}")
+    rd = _run(tmp_path)
+    with pytest.raises(ValueError, match=r"no readable images.*notes.txt"): run_data(rd, f"folder:{src}")
+    _failed_cleanly(rd)
+    _png(src/"ok.png", _img(0))
+    rd2, msgs = _build(tmp_path, f"folder:{src}", "run2")
+    assert any("skipped 2 file(s)" in m for m in msgs) and len(load_sliceset(rd2)) == 1
+
+def test_truncated_png(tmp_path):
+    src = tmp_path/"d"; _png(src/"good.png", _img(0))
+    rng = np.random.default_rng(0)
+    _png(tmp_path/"full.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    (src/"broken.png").write_bytes((tmp_path/"full.png").read_bytes()[:1500])
+    rd = _run(tmp_path)
+    with pytest.raises(ValueError, match=r"broken\.png.*(corrupt|truncated)"): run_data(rd, f"folder:{src}")
+    _failed_cleanly(rd)
+    (src/"garbage.png").write_bytes(b"this is not a png at all")
+    (src/"broken.png").unlink()
+    with pytest.raises(ValueError, match=r"garbage\.png"): run_data(rd, f"folder:{src}")
+
+@pytest.mark.parametrize("content,what", [(b"", "0 bytes"), (b"hello, I am text" * 20, "not a DICOM file")])
+def test_zero_byte_and_non_dicom_dcm(tmp_path, content, what):
+    src = tmp_path/"d"; _png(src/"ok.png", _img(0)); (src/"scan.dcm").write_bytes(content)
+    rd = _run(tmp_path)
+    with pytest.raises(ValueError, match=rf"scan\.dcm.*{what}"): run_data(rd, f"folder:{src}")
+    _failed_cleanly(rd)
+
+def _series(folder, zs, missing_pos=None):
+    "A small DICOM series with the given slice positions, files named against the order."
+    from pydicom.data import get_testdata_file
+    import pydicom
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, z in enumerate(zs):
+        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+        ds.SeriesInstanceUID = "1.2.3.4.5"; ds.SOPInstanceUID = f"1.2.3.4.5.{k}"; ds.InstanceNumber = k + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]; ds.ImagePositionPatient = [0, 0, float(z)]
+        ds.PixelData = (ds.pixel_array + 100 * k).astype(ds.pixel_array.dtype).tobytes()
+        if missing_pos == k: del ds.ImagePositionPatient
+        ds.save_as(folder/f"IM{len(zs) - k:03d}.dcm")
+
+def test_dicom_series_ordered_by_position(tmp_path):
+    _series(tmp_path/"s", [0, 3, 6, 9])
+    files = sorted((tmp_path/"s").glob("*.dcm"))                    # names run against the positions
+    v = read_dicom_series(files)
+    assert v.extra["positions"] == [0, 3, 6, 9]
+    assert np.all(np.diff(v.data.mean((1, 2))) > 50)                # pixel offsets 0, 100, 200, 300 in position order
+
+@pytest.mark.parametrize("zs,missing,match", [([0, 3, 3, 9], None, "duplicated slice position"),
+                                              ([0, 3, 6, 15], None, "missing slice"),
+                                              ([0, 3, 6, 9], 2, "no ImagePositionPatient")])
+def test_dicom_series_with_bad_positions(tmp_path, zs, missing, match):
+    _series(tmp_path/"d"/"ser ies", zs, missing)
+    rd = _run(tmp_path)
+    with pytest.raises(ValueError, match=rf"IM\d+\.dcm.*{match}|{match}"): run_data(rd, f"folder:{tmp_path/'d'}")
+    _failed_cleanly(rd)
+    if match == "missing slice": assert len(read_dicom_series(sorted((tmp_path/"d"/"ser ies").glob("*.dcm")), allow_gaps=True).data) == 4
+
+def test_nifti_nan_inf_cleaned_or_rejected(tmp_path):
+    import nibabel as nib
+    src = tmp_path/"d"; src.mkdir()
+    a = np.random.default_rng(0).random((20, 20, 4)).astype(np.float32); a[3, 4, 1] = np.nan; a[5, 5, 2] = np.inf
+    nib.save(nib.Nifti1Image(a, np.eye(4)), src/"vol.nii.gz")
+    rd, msgs = _build(tmp_path, f"folder:{src}")
+    assert any("vol.nii.gz" in m and "2 NaN/Inf voxel(s) cleaned" in m for m in msgs), msgs
+    assert np.isfinite(load_sliceset(rd).images).all()
+    rd2 = _run(tmp_path, "run2")
+    with pytest.raises(ValueError, match=r"vol\.nii\.gz.*2 NaN/Inf.*rejected"): run_data(rd2, f"folder:{src}", nonfinite="reject")
+    _failed_cleanly(rd2)
+
+def test_4d_volume(tmp_path):
+    src = tmp_path/"d"; src.mkdir()
+    shutil.copy(_site("nibabel")/"tests"/"data"/"example4d.nii.gz", src/"fmri.nii.gz")
+    rd = _run(tmp_path)
+    with pytest.raises(ValueError, match=r"fmri\.nii\.gz.*4-D volume.*volume_index"): run_data(rd, f"folder:{src}")
+    _failed_cleanly(rd)
+    rd2, _ = _build(tmp_path, f"folder:{src}", "run2", volume_index=1)
+    assert len(load_sliceset(rd2)) == 24
+
+def test_labels_csv_naming_missing_files(tmp_path):
+    src = tmp_path/"d"; _png(src/"a.png", _img(0))
+    (tmp_path/"labels.csv").write_text("file,density\na.png,1\nghost.png,2\n")
+    rd = _run(tmp_path)
+    with pytest.raises(ValueError, match=r"labels.csv.*1 file\(s\).*ghost\.png"):
+        run_data(rd, f"folder:{src}", labels_csv=str(tmp_path/"labels.csv"))
+    _failed_cleanly(rd)
+
+def test_bad_source_and_options(tmp_path):
+    rd = _run(tmp_path)
+    with pytest.raises(ValueError, match="folder:PATH"): run_data(rd, "s3://bucket")
+    with pytest.raises(FileNotFoundError, match="nowhere"): run_data(rd, f"folder:{tmp_path/'nowhere'}")
+    with pytest.raises(ValueError, match="do not apply"): run_data(rd, "phantom", axis=1)
+
+def test_cli_reports_errors_and_notes(tmp_path):
+    src = tmp_path/"d"; _png(src/"a.png", _img(0)); (src/"x.txt").write_text("x")
+    r = _cli("data", "--source", f"folder:{src}", "--profile", "smoke", "--out", tmp_path/"r")
+    assert r.returncode == 0 and "skipped 1 file" in r.stderr and "1 slices" in r.stdout, (r.stdout, r.stderr)
+    r = _cli("data", "--source", f"folder:{tmp_path/'none'}", "--out", tmp_path/"r2")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+# ---------------------------------------------------------------- the Duke layout
+
+@pytest.fixture(scope="module")
+def duke(tmp_path_factory):
+    return write_duke_example(tmp_path_factory.mktemp("duke")/"Duke-Breast-Cancer-MRI", n_patients=4, slices=8, size=32)
+
+def test_duke_pre_contrast_ordered_by_position_with_boxes_and_segmentations(tmp_path, duke):
+    rd, msgs = _build(tmp_path, f"duke:{duke['root']}", annotations=str(duke["annotations"]), segmentations=str(duke["segmentations"]))
+    ss = load_sliceset(rd)
+    assert sorted(set(ss.subject)) == [f"Breast_MRI_{i:03d}" for i in range(1, 5)] and len(ss) == 32
+    for pid, t in duke["truth"].items():
+        sel = np.flatnonzero(ss.subject == pid)
+        assert ss.slice_index[sel].tolist() == list(range(8))
+        assert all("ax dyn pre" in s for s in ss.source[sel])
+        # slices in position order: the preprocessed images equal the phantom's (scaled the same way)
+        x = t["images"]; lo, hi = np.percentile(x * 1000, (0.5, 99.5))
+        want = np.clip((x * 1000 - lo) / (hi - lo), 0, 1) * 2 - 1
+        assert np.abs(ss.images[sel, 0] - want).max() < 0.01
+        assert ss.lesion[sel].tolist() == (t["masks"] == L["lesion"]).any((1, 2)).astype(int).tolist()
+        outside = ss.masks[sel] != L["lesion"]
+        assert ((ss.masks[sel] == L["fgt"]) == (t["masks"] == L["fgt"]))[outside].all()
+        assert ((ss.masks[sel] == L["vessel"]) == (t["masks"] == L["vessel"]))[outside].all()
+
+def test_duke_post_contrast_and_patient_without_series(tmp_path, duke):
+    root = tmp_path/"Duke"; shutil.copytree(duke["root"], root)
+    # patient 4 loses its post-contrast series
+    for p in (root/"Breast_MRI_004").rglob("*1st pass*"): shutil.rmtree(p)
+    rd, msgs = _build(tmp_path, f"duke:{root}", series_pattern="post1")
+    ss = load_sliceset(rd)
+    assert "Breast_MRI_004" not in set(ss.subject) and all("1st pass" in s for s in ss.source)
+    assert any("Breast_MRI_004" in m and "no series matches" in m for m in msgs), msgs
+    assert (ss.lesion == -1).all()       # no annotation table: unknown
+    rd2 = _run(tmp_path, "r2")
+    with pytest.raises(ValueError, match="no patient has a series matching"): run_data(rd2, f"duke:{root}", series_pattern="sagittal")
+    _failed_cleanly(rd2)
+
+def test_duke_annotations_csv_and_position_order(tmp_path, duke):
+    import pandas as pd
+    df = pd.read_excel(duke["annotations"]); csvp = tmp_path/"boxes.csv"; df.to_csv(csvp, index=False)
+    a, _ = _build(tmp_path, f"duke:{duke['root']}", "a", annotations=str(csvp))
+    b, _ = _build(tmp_path, f"duke:{duke['root']}", "b", annotations=str(csvp), annotation_slice_order="position")
+    la, lb = load_sliceset(a), load_sliceset(b)
+    truth = np.concatenate([(duke["truth"][s]["masks"] == L["lesion"]).any((1, 2)) for s in sorted(duke["truth"])])
+    order = np.lexsort((la.slice_index, la.subject))
+    assert np.array_equal(la.lesion[order], truth.astype(int))       # instance order: right
+    assert not np.array_equal(lb.lesion[order], truth.astype(int))   # position order: the box lands on the wrong slices
+    bad = tmp_path/"bad.csv"; bad.write_text("Patient ID,Start Row\nBreast_MRI_001,3\n")
+    rd = _run(tmp_path, "c")
+    with pytest.raises(ValueError, match=r"bad\.csv.*lacks column"): run_data(rd, f"duke:{duke['root']}", annotations=str(bad))
+
+def test_duke_cli(tmp_path, duke):
+    r = _cli("data", "--source", f"duke:{duke['root']}", "--profile", "smoke", "--out", tmp_path/"r",
+             "--annotations", duke["annotations"], "--segmentations", duke["segmentations"])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path/"r"/"data"/"split.json").exists() and len(load_sliceset(tmp_path/"r")) == 32
