@@ -16,14 +16,15 @@ from .core import (RunDir, Profile, add_run_args, parse_overrides, open_run, get
                                 hash_inputs, atomic_write, read_json, _package_dir)
 
 # %% auto #0
-__all__ = ['STAGE_MODULES', 'NOTEBOOK_PARAMETERS', 'QUARTO_HEADER', 'stage_modules', 'build_parser', 'main', 'repo_dir',
-           'experiments_dir', 'list_notebooks', 'profile_overrides', 'open_experiment', 'NotebookError', 'run_notebook',
-           'notebook_parameters', 'previous_sources', 'reproduce', 'print_tables', 'add_reproduce_cli',
+__all__ = ['STAGE_MODULES', 'OPTIONAL_NOTEBOOKS', 'NOTEBOOK_PARAMETERS', 'QUARTO_HEADER', 'stage_modules', 'build_parser', 'main',
+           'repo_dir', 'experiments_dir', 'list_notebooks', 'profile_overrides', 'open_experiment', 'NotebookError',
+           'run_notebook', 'notebook_parameters', 'previous_sources', 'reproduce', 'print_tables', 'add_reproduce_cli',
            'clean_notebook', 'notebook_title', 'quarto_config', 'write_quarto_yml', 'SitePage', 'SiteResult',
            'library_notebooks', 'build_site', 'add_site_cli']
 
 # %% ../nbs/11_cli.ipynb #35d4340c
 STAGE_MODULES = ("data", "diffusion", "prototrain", "faithfulness", "groundtruth")  # in pipeline order
+OPTIONAL_NOTEBOOKS = ("07_groundtruth",)  # experiment notebooks `reproduce` runs only when asked (`--groundtruth`)
 
 def stage_modules() -> list:
     "The chapters in `STAGE_MODULES` that exist in this installation, imported."
@@ -145,7 +146,9 @@ def notebook_parameters(run:RunDir, data:str="phantom", diffusion:str|None=None,
     "The papermill parameters for `run` (paths made absolute, the profile as name + overrides)."
     def absolute(s):
         if not s: return ""
-        return str(Path(s).resolve()) if Path(s).exists() else str(s)
+        kind, sep, path = str(s).partition(":")
+        if sep and kind in ("folder", "duke"): return f"{kind}:{Path(path).expanduser().resolve()}"
+        return str(Path(s).expanduser().resolve()) if Path(s).expanduser().exists() else str(s)
     prof = run.profile
     return dict(profile=prof.name, run_dir=str(run.root.resolve()), data=absolute(data) if data != "phantom" else data,
                 diffusion=absolute(diffusion), overrides=json.dumps(profile_overrides(prof), sort_keys=True), force=bool(force))
@@ -169,6 +172,7 @@ def reproduce(
     timeout:float|None=None, # seconds per cell
     site:bool=True, # build the site at the end
     file=None, # where to print (default stdout)
+    groundtruth:bool=False, # also run the notebooks in `OPTIONAL_NOTEBOOKS` (the ground-truth retraining, ~30 min more on `quick`)
 ) -> dict:
     "Run the experiment notebooks in order into run/notebooks/, each a stage of the run; returns {notebook: 'done'|'skipped'}."
     from tqdm.auto import tqdm
@@ -176,6 +180,8 @@ def reproduce(
     folder = Path(notebooks) if notebooks else experiments_dir()
     nbs = list_notebooks(folder)
     if not nbs: raise FileNotFoundError(f"no experiment notebooks (*.ipynb) in {folder}")
+    left = [p.name for p in nbs if p.stem in OPTIONAL_NOTEBOOKS and not groundtruth]
+    nbs = [p for p in nbs if p.name not in left]
     run = open_run(out, profile, overrides or {}, force=force)
     before = previous_sources(run)
     params = notebook_parameters(run, before["data"] if data is None else data,
@@ -198,6 +204,7 @@ def reproduce(
         bar.write(f"  {src.name}: " + ("done" if status[src.name] == "done" else "skipped (done with the same inputs)")
                   + (f" in {time.time() - t0:.1f} s" if status[src.name] == "done" else ""), file=file)
     bar.close()
+    if left: print(f"not run (add --groundtruth): {', '.join(left)}", file=file)
     print_tables(run, file=file)
     if site:
         res = build_site(run)
@@ -206,7 +213,7 @@ def reproduce(
         print(f"site: not built; run `mri-protodiff site --out {run.root}`", file=file)
     return status
 
-def print_tables(run:RunDir, names:Sequence[str]=("image_quality", "faithfulness"), file=None) -> None:
+def print_tables(run:RunDir, names:Sequence[str]=("image_quality", "faithfulness", "groundtruth"), file=None) -> None:
     "Print run/tables/<name>.md for each name that exists."
     for n in names:
         p = run/"tables"/f"{n}.md"
@@ -231,12 +238,15 @@ def add_reproduce_cli(sub) -> None:
     p.add_argument("--papermill-progress", action="store_true", help="show papermill's per-cell progress bars")
     p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS", help="fail a cell that runs longer than this")
     p.add_argument("--no-site", action="store_true", help="do not build the site at the end")
+    p.add_argument("--groundtruth", action="store_true",
+                   help=f"also run {', '.join(OPTIONAL_NOTEBOOKS)} (counterfactual retraining: ~30 min more on profile quick)")
     p.set_defaults(func=_cmd_reproduce)
 
 def _cmd_reproduce(args) -> int:
     try:
         reproduce(args.out, args.profile, args.data, args.diffusion, parse_overrides(args.overrides), args.force,
-                  args.notebooks, args.kernel, args.papermill_progress, args.cell_timeout, site=not args.no_site)
+                  args.notebooks, args.kernel, args.papermill_progress, args.cell_timeout, site=not args.no_site,
+                  groundtruth=args.groundtruth)
     except NotebookError as e:
         print(f"mri-protodiff reproduce: {e}\n  notebooks before it are kept; rerun the same command to resume there.",
               file=sys.stderr)

@@ -124,8 +124,8 @@ class Profile:
     gt_planted:int = 3
     gt_copies:int = 30
     gt_topk:int = 20
-    gt_subsets:int = 4
-    gt_train_steps:int = 600
+    gt_subsets:int = 8
+    gt_train_steps:int = 200
 
     def to_dict(self) -> dict:
         "A JSON-serialisable dict (tuples become lists)."

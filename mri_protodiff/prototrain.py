@@ -753,7 +753,7 @@ def run_train_explainers(
     return status
 
 def write_summary(run:RunDir) -> list:
-    "Collect every `protonets/*/seed*/metrics.json` into `protonets/summary.csv` (and return the rows)."
+    "Collect every `protonets/*/seed*/metrics.json` into `protonets/summary.csv` (and return the rows); training times stay in each `metrics.json`, so the table is byte-identical between runs with the same seed."
     rows = []
     for f in sorted((run/"protonets").glob("*/seed*/metrics.json")):
         m = read_json(f)
@@ -763,7 +763,7 @@ def write_summary(run:RunDir) -> list:
                          n_test=m["reports"]["test"]["n"], n_prototypes=m["n_prototypes"],
                          shared_patch_pairs=len(d["shared_patch_pairs"]), near_identical_pairs=len(d["near_identical_pairs"]),
                          dead=len(d["dead"]), collapsed_slot_classes=len(d["collapsed_slot_classes"]),
-                         unused=len(d["unused"]), duplicates_ok=d["ok"], seconds=m["seconds"]))
+                         unused=len(d["unused"]), duplicates_ok=d["ok"]))
     if rows:
         buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
         atomic_write(run/"protonets"/"summary.csv", buf.getvalue())

@@ -305,3 +305,18 @@ def test_benchmark_reports_ratios():
     for k in ("train_steps_per_s", "ddim_images_per_s"):
         d = res[k]; assert d["ours"] > 0 and d["stock"] > 0 and abs(d["ratio"] - d["ours"] / d["stock"]) < 1e-9
     assert "ratio" in D.format_benchmark(res)
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction", "sample"])
+def test_prediction_types_train_and_convert_to_epsilon(ss, pt):
+    p = tiny(train_steps=2, prediction_type=pt)
+    s = D.make_scheduler(p)
+    w = D.min_snr_weights(s, 5.0); a = s.alphas_cumprod; snr = a / (1 - a)
+    expect = {"epsilon": snr.clamp(max=5) / snr, "v_prediction": snr.clamp(max=5) / (snr + 1), "sample": snr.clamp(max=5)}[pt]
+    assert torch.allclose(w, expect) and torch.equal(D.min_snr_weights(s, None), torch.ones_like(snr))
+    r = D.train_diffusion(D.build_unet(p, ss.n_labels), s, ss.images, D.mask_channel(ss.masks, ss.n_labels), p, progress=False, device="cpu")
+    assert np.isfinite(r.losses).all()
+    x0, eps, t = torch.rand(2, 1, 4, 4) * 2 - 1, torch.randn(2, 1, 4, 4), 400
+    x_t = s.add_noise(x0, eps, torch.tensor([t, t]))
+    out = {"epsilon": eps, "v_prediction": s.get_velocity(x0, eps, torch.tensor([t, t])), "sample": x0}[pt]
+    assert torch.allclose(D.to_epsilon(out, x_t, t, s), eps, atol=1e-4)

@@ -1,0 +1,186 @@
+"Tests of mri_protodiff.groundtruth: memorisation probe, counterfactual determinism, LDS, the stage and the CLI (smoke-sized)."
+import contextlib, io, json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mri_protodiff import groundtruth as G
+from mri_protodiff.core import RunDir, get_profile
+from mri_protodiff.data import phantom_sliceset, run_data
+
+torch.set_num_threads(1)
+
+# the smallest settings that still exercise every code path (16x16 slices, a 2-level UNet, a few steps)
+TINY = dict(image_size=16, unet_channels=(8, 16), train_steps=3, batch_size=4, n_generated=6, n_counterfactual=1,
+            sample_steps=3, output_draws=2, trak_draws=1, proj_dim=8, max_unique=24)
+
+
+def _splits(n_subjects=12, size=32):
+    ss = phantom_sliceset(n_subjects=n_subjects, slices_per_subject=4, size=size, seed=0)
+    n = len(ss); a, b = n // 2, 3 * n // 4                       # subject-level: 4 slices per subject
+    return ss.subset(np.arange(0, a)), ss.subset(np.arange(a, b)), ss.subset(np.arange(b, n))
+
+
+# ---------------------------------------------------------------- test 1: the memorisation probe
+def test_memorisation_probe_recovers_planted_with_pixel_nn_and_fails_with_random():
+    tr, va, te = _splits(16)
+    cfg = G.gt_config(get_profile("smoke"), image_size=32, max_unique=32, planted=3, copies=5)
+    d = G.plant_training_set(tr, va, te, cfg)
+    uniq = d.train.images[:d.n_unique]
+    rng = np.random.default_rng(0)
+    # "generated" images: 4 noisy copies of each planted image (memorised), and the unseen test slices (novel)
+    copies = np.repeat(uniq[d.planted], 4, 0) + 0.05 * rng.normal(size=(4 * len(d.planted), *uniq.shape[1:]))
+    gen = np.concatenate([copies, d.test.images]).astype(np.float32)
+    cp = G.detect_copies(gen, uniq, d.val.images, d.planted, fpr=0.05)
+    n_copy = 4 * len(d.planted)
+    assert cp.is_copy[:n_copy].all() and (cp.source[:n_copy] == np.repeat(d.planted, 4)).all()
+    assert (cp.source[n_copy:] == -1).all()                     # unseen subjects are never a planted source
+    assert cp.threshold <= G.COPY_MAX_RATIO
+    tb = rng.random((len(gen), d.n_unique))
+    scores = {"pixel_nn": -G.pixel_distances(gen, uniq), "random": rng.random((len(gen), d.n_unique)),
+              "anti": G.pixel_distances(gen, uniq)}           # the worst possible ranking: farthest first
+    mem, per = G.memorisation_recovery(scores, cp.source, tb)
+    mem = mem.set_index("method")
+    assert mem.loc["pixel_nn", "top1_recovery"] == 1.0 and mem.loc["pixel_nn", "top5_recovery"] == 1.0
+    assert mem.loc["pixel_nn", "n_copies"] == n_copy and mem.loc["pixel_nn", "top1_ci_low"] > 0.7
+    assert mem.loc["random", "top1_recovery"] <= 0.25 and mem.loc["random", "top1_ci_low"] < 1 / d.n_unique + 0.05
+    assert mem.loc["anti", "top1_recovery"] == 0.0 and mem.loc["anti", "top5_recovery"] == 0.0
+    assert (per[per.method == "anti"]["rank"] == d.n_unique).all()
+
+
+def test_copy_criterion_needs_held_out_and_rejects_blur():
+    tr, va, te = _splits()
+    d = G.plant_training_set(tr, va, te, G.gt_config(get_profile("smoke"), max_unique=20))
+    uniq = d.train.images[:d.n_unique]
+    with pytest.raises(ValueError, match="held-out"): G.detect_copies(uniq[:2], uniq, uniq[:0], d.planted)
+    mean_img = np.repeat(uniq.mean(0, keepdims=True), 3, 0)     # a blurry average is near everything, a copy of nothing
+    assert not G.detect_copies(mean_img, uniq, d.val.images, d.planted).is_copy.any()
+
+
+# ---------------------------------------------------------------- test 3: LDS
+def test_lds_of_random_attribution_is_near_zero_and_matches_scipy():
+    from scipy.stats import spearmanr
+    rng = np.random.default_rng(0)
+    U, N, M = 30, 400, 12
+    true = rng.normal(size=(N, U)); subsets = G.lds_subsets(U, M, seed=1)
+    outputs = np.stack([true[:, s].sum(1) for s in subsets]) + 0.5 * rng.normal(size=(M, N))
+    rand = G.lds_per_image(rng.normal(size=(N, U)), outputs, subsets)
+    assert abs(np.nanmean(rand)) < 0.05
+    good = G.lds_per_image(true, outputs, subsets)
+    assert np.nanmean(good) > 0.8
+    # oracle: Spearman of summed scores against outputs, written out
+    direct = [spearmanr([true[i, s].sum() for s in subsets], outputs[:, i]).correlation for i in range(5)]
+    np.testing.assert_allclose(good[:5], direct, rtol=1e-10)
+    with pytest.raises(ValueError, match="subsets, images"): G.lds_per_image(true, outputs[:, :5], subsets)
+
+
+# ---------------------------------------------------------------- the stage: determinism, resume, outputs
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    "A smoke run with the ground truth done at TINY sizes for every method."
+    root = tmp_path_factory.mktemp("gt")/"run"
+    run = RunDir(root, get_profile("smoke", gt_topk=3, gt_subsets=3))
+    run_data(run)
+    st = G.run_groundtruth(run, "minimal", device="cpu", progress=False, **TINY)
+    return run, st
+
+
+def test_run_groundtruth_writes_tables_and_figure(tiny_run):
+    run, st = tiny_run
+    assert all(v == "done" for v in st.values()), st
+    tab = pd.read_csv(run/"tables"/"groundtruth.csv")
+    assert list(tab.method) == list(G.GT_METHODS)
+    assert set(tab.version) == {"minimal"} and tab.setup.str.startswith("minimal: 16x16").all()
+    for col in ("top1_recovery", "top1_ci_low", "cf_effect_vs_random", "cf_effect_vs_bottom", "lds", "lds_ci_low", "n_copies"):
+        assert col in tab.columns
+    r = tab.set_index("method")
+    assert np.isnan(r.loc["random", "cf_effect_vs_random"])       # random scores have no counterfactual of their own
+    assert np.isfinite(r.loc["pixel_nn", "cf_change_topk"]) and r.loc["pixel_nn", "cf_n_images"] == 1
+    assert r.loc["pixel_nn", "lds_subsets"] == 3
+    md = (run/"tables"/"groundtruth.md").read_text()
+    assert "MINIMAL version" in md and "not properties of the methods at scale" in md
+    assert (run/"figures"/"groundtruth.html").exists()
+    ch = pd.read_csv(run/"tables"/"groundtruth_changes.csv")
+    assert set(ch.kind) == {"top", "bottom", "random"} and (ch[["one_minus_ssim", "l2", "feature"]] >= 0).all().all()
+    # removing nothing changes nothing: the reference model regenerates its own images (up to the float
+    # summation order of a different batch size: the counterfactual images are regenerated as one batch)
+    smp = np.load(run/"groundtruth"/"minimal"/"samples.npz")
+    ref = np.load(run/"groundtruth"/"minimal"/"models"/"full"/"result.npz")
+    np.testing.assert_allclose(ref["regen"], smp["images"][smp["cf_index"]], atol=1e-4)
+
+
+def test_models_are_deduplicated_and_everything_resumes(tiny_run):
+    run, st = tiny_run
+    plan_models = pd.read_csv(run/"tables"/"groundtruth_changes.csv").model.nunique()
+    model_stages = [k for k in st if k.startswith("model/")]
+    assert len(model_stages) == len(set(model_stages)) and plan_models <= len(model_stages)
+    st2 = G.run_groundtruth(run, "minimal", device="cpu", progress=False, **TINY)
+    assert set(st2.values()) == {"skipped"}
+
+
+def test_counterfactual_stage_reproduces_bit_for_bit(tiny_run, tmp_path):
+    run, _ = tiny_run
+    folder = run/"groundtruth"/"minimal"/"models"
+    key = sorted(p.name for p in folder.iterdir() if p.name != "full")[0]
+    before = dict(np.load(folder/key/"result.npz"))
+    # 1. the same stage redone in the same run
+    ctx = G._context(run, "minimal", "cpu", False, **TINY)
+    data = G.load_gt_data(ctx.folder/"data.npz")
+    assert G._stage_model(ctx, data, before["keep"], force=True) == "done"
+    after = dict(np.load(folder/key/"result.npz"))
+    for k in ("regen", "output", "keep"): np.testing.assert_array_equal(before[k], after[k])
+    assert not (folder/key/"checkpoints").exists()
+    # 2. a fresh run directory with the same seed gives the same bytes
+    run2 = RunDir(tmp_path/"run2", run.profile); run_data(run2)
+    G.run_groundtruth(run2, "minimal", methods=("pixel_nn",), device="cpu", progress=False, **TINY)
+    again = np.load(tmp_path/"run2"/"groundtruth"/"minimal"/"models"/"full"/"result.npz")
+    ref = np.load(folder/"full"/"result.npz")
+    np.testing.assert_array_equal(again["regen"], ref["regen"]); np.testing.assert_array_equal(again["output"], ref["output"])
+
+
+def test_removing_the_planted_source_is_in_the_top_k_of_pixel_nn(tiny_run):
+    run, _ = tiny_run
+    folder = run/"groundtruth"/"minimal"
+    scores, tb = G.load_scores(folder)
+    data = G.load_gt_data(folder/"data.npz")
+    assert set(scores) == set(G.GT_METHODS) and all(s.shape == (TINY["n_generated"], data.n_unique) for s in scores.values())
+    # the reference images themselves, scored by pixel distance to the distinct training images
+    np.testing.assert_allclose(scores["pixel_nn"], -G.pixel_distances(np.load(folder/"samples.npz")["images"], data.train.images[:data.n_unique]))
+    for m in ("ppnet", "eppnet", "protopool", "paper"):
+        np.testing.assert_allclose(scores[m].sum(1), 1.0, rtol=1e-6)    # NIS are shares: they sum to 1 over training images
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="version"): G.gt_config(get_profile("smoke"), "medium")
+    with pytest.raises(ValueError, match="gt_copies"): G.gt_config(get_profile("smoke", gt_copies=1))
+    with pytest.raises(ValueError, match="unknown ground-truth setting"): G.gt_config(get_profile("smoke"), n_images=3)
+    run = RunDir(tmp_path/"r", get_profile("smoke"))
+    with pytest.raises(FileNotFoundError, match="data"): G.run_groundtruth(run, progress=False)
+    run_data(run)
+    with pytest.raises(ValueError, match="unknown ground-truth method"): G.run_groundtruth(run, methods=("gradcam",), progress=False)
+    with pytest.raises(ValueError, match="gt_topk"):
+        G.run_groundtruth(RunDir(tmp_path/"r", get_profile("smoke")), progress=False, **dict(TINY, topk=24))
+    with pytest.raises(ValueError, match="top-k removal"):
+        G.removal_sets({"a": np.zeros((2, 5))}, np.array([0]), 5, np.zeros((2, 5)), 0)
+
+
+# ---------------------------------------------------------------- the command line
+def test_cli_groundtruth(tmp_path):
+    from mri_protodiff.cli import main
+    out = tmp_path/"cli"
+    args = ["groundtruth", "--out", str(out), "--profile", "smoke", "--methods", "pixel_nn,random", "--cf-images", "1", "--generated", "6",
+            "--set", "gt_train_steps=2", "--set", "gt_subsets=2", "--no-progress"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf): rc = main(args)
+    assert rc == 0, buf.getvalue()
+    assert "MINIMAL version" in buf.getvalue() and (out/"tables"/"groundtruth.csv").exists()
+    assert list(pd.read_csv(out/"tables"/"groundtruth.csv").method) == ["pixel_nn", "random"]
+    m = json.loads((out/"manifest.json").read_text())
+    assert m["stages"]["data"]["status"] == "done" and m["stages"]["groundtruth/minimal/table"]["status"] == "done"
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(buf):
+        assert main(["groundtruth", "--out", str(out), "--methods", "nope"]) == 2
