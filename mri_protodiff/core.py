@@ -65,29 +65,29 @@ class Profile:
     seed:int = 0                       # master seed: data, diffusion init, sampling noise
     # --- data ---
     image_size:int = 64                # square slices, pixels
-    n_subjects:int = 48                # phantom subjects
+    n_subjects:int = 96                # phantom subjects
     slices_per_subject:int = 16        # adjacent slices per phantom subject
     val_fraction:float = 0.15          # subject-level split fractions
     test_fraction:float = 0.15
     # --- diffusion model (diffusers UNet2DModel + DDPMScheduler) ---
-    unet_channels:tuple = (32, 64, 64)  # block_out_channels
+    unet_channels:tuple = (16, 32, 64)  # block_out_channels
     layers_per_block:int = 1
-    attention_levels:tuple = (2,)      # indices of down blocks with attention (up blocks mirror)
+    attention_levels:tuple = ()        # indices of down blocks with attention (up blocks mirror)
     conditioning:str = "mask"          # "mask" (label map as an extra input channel, as the paper) or "none"
     num_train_timesteps:int = 1000
     beta_schedule:str = "linear"
-    prediction_type:str = "epsilon"
-    train_steps:int = 1500
+    prediction_type:str = "v_prediction"  # quick only; smoke and paper predict epsilon, as the paper (03_diffusion says why)
+    train_steps:int = 600
     batch_size:int = 16
     learning_rate:float = 1e-3
     warmup_steps:int = 100
     ema_decay:float = 0.995
     grad_clip:float = 1.0
-    checkpoint_every:int = 250
+    checkpoint_every:int = 200
     mixed_precision:str = "auto"       # "auto" (bf16 on GPU, none on CPU), "no", "bf16", "fp16"
     # --- sampling and trajectory ---
     sample_steps:int = 50              # DDIM steps for generated images
-    n_generated:int = 32               # generated images analysed
+    n_generated:int = 24               # generated images analysed
     sample_batch:int = 32
     trajectory_steps:int = 200         # DDIM steps of the recorded trajectory (the paper: 200)
     trajectory_timesteps:tuple = PAPER_TIMESTEPS
@@ -116,9 +116,9 @@ class Profile:
     # --- influence and faithfulness ---
     paper_kmeans_k:int = 100
     topk_prototypes:int = 5
-    faith_images:int = 16              # generated images for faithfulness through the denoising
+    faith_images:int = 10              # generated images for faithfulness through the denoising
     faith_timesteps:tuple = (775, 555, 335, 115)
-    faith_steps:int = 50               # DDIM steps when re-denoising after a perturbation
+    faith_steps:int = 25               # DDIM steps when re-denoising after a perturbation
     n_bootstrap:int = 1000
     # --- ground truth (counterfactual retraining) ---
     gt_planted:int = 3
@@ -140,13 +140,15 @@ class Profile:
         return cls(**{k: _coerce(names[k], v, k) for k, v in d.items()})
 
 # %% ../nbs/00_core.ipynb #76b344bc
+_EMPTY_TUPLE_ITEMS = dict(attention_levels=int)  # item type of tuple fields whose default is empty
+
 def _coerce(f:dataclasses.Field, v:Any, key:str) -> Any:
     "Cast `v` to the type of profile field `f` (strings from the command line included)."
     default = f.default
     try:
         if isinstance(default, tuple):
             if isinstance(v, str): v = [s for s in v.replace(" ", "").split(",") if s]
-            typ = type(default[0]) if default else str
+            typ = type(default[0]) if default else _EMPTY_TUPLE_ITEMS.get(f.name, str)
             return tuple(typ(x) for x in v)
         if isinstance(default, bool):
             if isinstance(v, str): return v.lower() in ("1", "true", "yes", "y")
@@ -168,7 +170,7 @@ _PROFILES = {
                   pool_size=6, pool_slots=2, warm_epochs=1, joint_epochs=2, last_epochs=1, push_every=2,
                   proto_batch=32, explainer_seeds=(0,), paper_kmeans_k=8, topk_prototypes=3, faith_images=4,
                   faith_timesteps=(550, 150), faith_steps=10, n_bootstrap=200,
-                  gt_planted=2, gt_copies=8, gt_topk=4, gt_subsets=2, gt_train_steps=30),
+                  gt_planted=2, gt_copies=8, gt_topk=4, gt_subsets=2, gt_train_steps=30, prediction_type="epsilon"),
     "quick": dict(),
     "paper": dict(image_size=256, n_subjects=200, slices_per_subject=24,
                   unet_channels=(128, 128, 256, 256, 512, 512), layers_per_block=2, attention_levels=(4,),
@@ -176,7 +178,8 @@ _PROFILES = {
                   checkpoint_every=2000, sample_steps=200, n_generated=100, sample_batch=16,
                   backbone="unet", protos_per_class=10, proto_dim=128, pool_size=20, pool_slots=5,
                   warm_epochs=5, joint_epochs=20, last_epochs=5, push_every=10, proto_batch=32, proto_lr=1e-3,
-                  faith_images=100, faith_steps=200, gt_topk=100, gt_subsets=20, gt_train_steps=20000),
+                  faith_images=100, faith_steps=200, gt_topk=100, gt_subsets=20, gt_train_steps=20000,
+                  prediction_type="epsilon"),
 }
 
 def get_profile(

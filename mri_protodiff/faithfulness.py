@@ -1095,7 +1095,7 @@ def add_cli(subparsers) -> None:
     b.set_defaults(func=_cli_bench)
 
 def _cli_explain(args) -> int:
-    run = open_run(args.out, args.profile, parse_overrides(args.overrides), force=False)
+    run = open_run(args.out, args.profile, parse_overrides(args.overrides), force=args.force)
     st = run_explain(run, force=args.force, methods=_csv_arg(args.methods), seeds=_csv_arg(args.seeds, int), device=args.device)
     t = pd.read_csv(run/"tables"/"faithfulness.csv")
     main = t[(t.definition == OURS) & (t.variant == TRAINED) & t.timestep.isna()]

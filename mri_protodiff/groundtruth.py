@@ -84,7 +84,8 @@ class GTConfig:
         d.update(image_size=self.image_size, unet_channels=self.unet_channels, layers_per_block=self.layers_per_block,
                  attention_levels=self.attention_levels, conditioning=self.conditioning, train_steps=self.train_steps,
                  batch_size=self.batch_size, learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
-                 ema_decay=self.ema_decay, checkpoint_every=self.checkpoint_every, seed=self.seed)
+                 ema_decay=self.ema_decay, checkpoint_every=self.checkpoint_every, seed=self.seed,
+                 prediction_type="epsilon")   # the LDS output and the TRAK loss are the epsilon-prediction loss (D-TRAK)
         return Profile.from_dict(d)
 
     def describe(self) -> str:

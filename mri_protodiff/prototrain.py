@@ -871,7 +871,7 @@ def add_cli(subparsers) -> None:
 
 def _cli_train(args) -> int:
     if args.threads: torch.set_num_threads(args.threads)
-    run = open_run(args.out, args.profile, parse_overrides(args.overrides), force=False)
+    run = open_run(args.out, args.profile, parse_overrides(args.overrides), force=args.force)
     st = run_train_explainers(run, _csv(args.methods), _csv(args.seeds, int), args.backbone, args.backbone_weights,
                               force=args.force, device=args.device)
     rows = write_summary(run)
