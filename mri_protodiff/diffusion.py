@@ -29,8 +29,8 @@ __all__ = ['CONDITIONINGS', 'MIN_SNR_GAMMA', 'ADAM_BETAS', 'ADAM_WEIGHT_DECAY', 
            'TrainingDiverged', 'batch_indices', 'make_accelerator', 'save_checkpoint', 'list_checkpoints',
            'load_checkpoint', 'TrainResult', 'MaskChannel', 'train_diffusion', 'save_diffusion', 'load_diffusion',
            'initial_noise', 'sampling_scheduler', 'model_input', 'predict_noise', 'to_epsilon', 'denoise_loop',
-           'generate', 'run_train_diffusion', 'sample_seeds', 'choose_test_slices', 'image_grid', 'run_sample',
-           'add_cli', 'benchmark_diffusion', 'format_benchmark']
+           'generate', 'run_train_diffusion', 'sample_seeds', 'choose_test_slices', 'TestConditioning',
+           'test_conditioning', 'image_grid', 'run_sample', 'add_cli', 'benchmark_diffusion', 'format_benchmark']
 
 # %% ../nbs/03_diffusion.ipynb #24a94b4d
 CONDITIONINGS = ("mask", "none")
@@ -752,6 +752,26 @@ def choose_test_slices(seed:int, n:int, n_test:int) -> np.ndarray:
     reps = -(-n // n_test)
     return np.concatenate([np.random.default_rng([int(seed), 0x5A3, r]).permutation(n_test) for r in range(reps)])[:n]
 
+@dataclass
+class TestConditioning:
+    "What a sampling stage starts from: the run's model, and `n` seeds paired with test slices whose masks condition them."
+    unet:UNet2DModel; scheduler:DDPMScheduler; test:SliceSet; kind:str   # kind: 'mask' or 'none'
+    real_index:np.ndarray; seeds:np.ndarray; masks:np.ndarray; cond:torch.Tensor|None
+
+def test_conditioning(
+    run:RunDir, # a run whose `train-diffusion` stage is done
+    n:int, # images to generate
+    device:str|None=None, # None: the best available
+) -> TestConditioning:
+    "Load the run's model (checked against the test slices), choose `n` test slices and seeds (`choose_test_slices`, `sample_seeds`), and build their mask channel."
+    unet, sched = load_diffusion(run, device=device or str(get_device()))
+    test = load_sliceset(run, "test")
+    kind = check_compatible(unet, tuple(test.images.shape), where=str(run/"diffusion"))
+    real_index = choose_test_slices(run.profile.seed, n, len(test))
+    masks = np.asarray(test.masks[real_index])
+    cond = mask_channel(masks, test.n_labels) if kind == "mask" else None
+    return TestConditioning(unet, sched, test, kind, real_index, sample_seeds(run.profile.seed, n), masks, cond)
+
 def image_grid(
     rows:list, # list of (N, 1, H, W) or (N, H, W) arrays in [-1, 1], one per grid row group
     ncol:int=8, # images per row
@@ -801,13 +821,9 @@ def run_sample(
                   n=n, steps=steps, sampler=sampler, seed=prof.seed, version=1)
 
     def work():
-        unet, sched = load_diffusion(run, device=device or str(get_device()))
-        test = load_sliceset(run, "test")
-        kind = check_compatible(unet, tuple(test.images.shape), where=str(run/"diffusion"))
-        real_index = choose_test_slices(prof.seed, n, len(test))
-        seeds = sample_seeds(prof.seed, n)
-        masks = np.asarray(test.masks[real_index])
-        cond = mask_channel(masks, test.n_labels) if kind == "mask" else None
+        tc = test_conditioning(run, n, device)
+        unet, sched, test, kind, real_index, seeds, masks, cond = (tc.unet, tc.scheduler, tc.test, tc.kind, tc.real_index,
+                                                                   tc.seeds, tc.masks, tc.cond)
         t0 = time.perf_counter()
         images = generate(unet, sched, cond, seeds, steps, sampler, batch_size=batch_size, progress=progress)
         secs = time.perf_counter() - t0

@@ -1066,8 +1066,7 @@ def faithfulness_benchmark(
                 ablation_identical=bool(same_top and dl <= 1e-3 and de <= 1e-2))
 
 # %% ../nbs/09_faithfulness.ipynb #a02c06cb
-def _csv_arg(v:str|None, cast=str) -> tuple|None:
-    return None if v in (None, "") else tuple(cast(s) for s in v.replace(" ", "").split(",") if s)
+from .prototrain import _csv as _csv_arg   # the comma-separated-list parser of `train-explainers`
 
 def add_cli(subparsers) -> None:
     "Add the `explain` and `faithfulness-bench` subcommands to the `mri-protodiff` parser."

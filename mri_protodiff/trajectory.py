@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import (PAPER_TIMESTEPS, RunDir, get_device, write_json, add_run_args, parse_overrides, open_run)
-from .data import load_sliceset
+from .core import (PAPER_TIMESTEPS, RunDir, write_json, add_run_args, parse_overrides, open_run)
 from .diffusion import (UNet2DModel, sampling_scheduler, denoise_loop, predict_noise, to_epsilon, initial_noise, mask_channel,
-                                     load_diffusion, check_compatible, sample_seeds, choose_test_slices, image_grid,
+                                     test_conditioning, image_grid,
                                      _batched_cond, _save_npz, _save_png, _oom_message)
 
 # %% auto #0
@@ -198,20 +197,14 @@ def run_trajectory(
                   steps=prof.trajectory_steps, timesteps=list(prof.trajectory_timesteps), seed=prof.seed, version=1)
 
     def work():
-        unet, sched = load_diffusion(run, device=device or str(get_device()))
-        test = load_sliceset(run, "test")
-        kind = check_compatible(unet, tuple(test.images.shape), where=str(run/"diffusion"))
-        real_index = choose_test_slices(prof.seed, n, len(test))
-        seeds = sample_seeds(prof.seed, n)
-        masks = np.asarray(test.masks[real_index])
-        cond = mask_channel(masks, test.n_labels) if kind == "mask" else None
+        tc = test_conditioning(run, n, device)
         t0 = time.perf_counter()
-        trs = record_trajectory(unet, sched, cond, seeds.tolist(), prof.trajectory_steps, prof.trajectory_timesteps,
+        trs = record_trajectory(tc.unet, tc.scheduler, tc.cond, tc.seeds.tolist(), prof.trajectory_steps, prof.trajectory_timesteps,
                                 batch_size=prof.sample_batch)
         out = run/"trajectory"
         _save_npz(out/"trajectories.npz", timesteps=trs[0].timesteps, x_t=np.stack([t.x_t for t in trs]),
                   x0_hat=np.stack([t.x0_hat for t in trs]), noise_map=np.stack([t.noise_map for t in trs]),
-                  final=np.stack([t.final for t in trs]), seeds=seeds, real_index=real_index, masks=masks.astype(np.uint8),
+                  final=np.stack([t.final for t in trs]), seeds=tc.seeds, real_index=tc.real_index, masks=tc.masks.astype(np.uint8),
                   steps=np.int64(prof.trajectory_steps))
         rows = []
         for tr in trs[:4]: rows += [tr.x_t, tr.x0_hat, tr.noise_map * 2 - 1]
