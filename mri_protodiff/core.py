@@ -111,6 +111,8 @@ class Profile:
     mean_clst_coef:float = 0.8         # EPPNet mean-cluster coefficient
     orth_coef:float = 0.1              # ProtoPool orthogonality
     gumbel_tau:float = 0.5
+    gumbel_schedule:str = "sqrt"       # ProtoPool: "sqrt" (the reference code) or "geometric" (1.3 -> 1000); see 06_prototrain
+    proto_init:str = "kmeans"          # prototypes start on k-means centroids of their class's latent patches, or "random" (the reference codes)
     explainer_seeds:tuple = (0, 1, 2)
     methods:tuple = ("ppnet", "eppnet", "protopool")
     # --- influence and faithfulness ---

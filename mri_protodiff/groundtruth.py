@@ -28,8 +28,9 @@ __all__ = ['GT_VERSIONS', 'GT_CONDITIONING', 'GT_METHODS', 'GT_LABELS', 'EXPLAIN
            'GTData', 'plant_training_set', 'save_gt_data', 'load_gt_data', 'fixed_draws', 'diffusion_losses', 'Probe',
            'evaluate_model', 'train_gt_model', 'pixel_distances', 'nn_ratio', 'Copies', 'detect_copies', 'gather_rows',
            'ranking', 'unet_block_features', 'trak_parameters', 'trak_scores', 'wilson_ci', 'memorisation_recovery',
-           'removal_sets', 'keep_key', 'image_change', 'counterfactual_effects', 'lds_subsets', 'lds_per_image',
-           'planned_models', 'load_scores', 'groundtruth_markdown', 'groundtruth_figure', 'run_groundtruth', 'add_cli']
+           'removal_sets', 'rows_key', 'image_change', 'counterfactual_effects', 'lds_subsets', 'lds_per_image',
+           'planned_models', 'load_scores', 'load_row_scores', 'groundtruth_markdown', 'groundtruth_figure',
+           'run_groundtruth', 'add_cli']
 
 # %% ../nbs/12_groundtruth.ipynb #0bb0d0b2
 GT_VERSIONS = ("minimal", "full")
@@ -284,15 +285,16 @@ def evaluate_model(
 
 def train_gt_model(
     data:GTData, # the ground-truth training set
-    keep:Sequence[int], # distinct images to train on (with all their copies)
+    rows:Sequence[int], # training rows to train on (`data.rows_of(keep)`: distinct images `keep` with all their copies)
     cfg:GTConfig, # sizes and training settings
     base_profile:Profile, # the run's profile (fields not set by cfg)
     init_state:dict, # the initial weights, the same for every model
     checkpoint_dir:str|Path|None=None, # resume from / write checkpoints here
     device:str|None=None, progress:bool=False,
 ) -> tuple:
-    "Train one ground-truth model from `init_state` on the rows of `keep`; returns (EMA UNet, scheduler, TrainResult)."
-    rows = data.rows_of(keep)
+    "Train one ground-truth model from `init_state` on the training `rows`; returns (EMA UNet, scheduler, TrainResult)."
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    if rows.size and (rows.min() < 0 or rows.max() >= len(data.train)): raise ValueError(f"training rows must be in 0..{len(data.train) - 1}")
     if len(rows) < 2: raise ValueError(f"a ground-truth model needs at least 2 training rows, got {len(rows)}")
     prof = cfg.train_profile(base_profile)
     unet = build_unet(prof, data.train.n_labels)
@@ -536,10 +538,10 @@ def removal_sets(
             out.append(dict(image=g, method=m, kind="bottom", removed=np.sort(ranking(s[g:g + 1], tiebreak[g:g + 1], False)[0, :k])))
     return out
 
-def keep_key(keep:Sequence[int], n_unique:int) -> str:
-    "The folder / stage name of the model trained on the distinct images `keep`: 'full' or 'k' + 12 hex digits."
-    keep = sorted(int(x) for x in keep)
-    return "full" if keep == list(range(n_unique)) else "k" + hash_inputs(keep)[:12]
+def rows_key(rows:Sequence[int], n_rows:int) -> str:
+    "The folder / stage name of the model trained on the training rows `rows`: 'full' or 'r' + 12 hex digits."
+    rows = sorted(int(x) for x in rows)
+    return "full" if rows == list(range(n_rows)) else "r" + hash_inputs(rows)[:12]
 
 def image_change(
     a:np.ndarray, b:np.ndarray, # (N, 1, H, W) images in [-1, 1]
@@ -580,19 +582,19 @@ def counterfactual_effects(
 
 # %% ../nbs/12_groundtruth.ipynb #1e08e879
 def lds_subsets(
-    n_unique:int, # U
+    n:int, # training examples (the ground truth: training rows)
     m:int, # number of subsets
     seed:int,
 ) -> np.ndarray:
-    "(m, U // 2) sorted distinct-image ids: m seeded random halves."
-    if n_unique < 2: raise ValueError("the LDS needs at least 2 distinct training images")
+    "(m, n // 2) sorted example ids: m seeded random halves."
+    if n < 2: raise ValueError("the LDS needs at least 2 training examples")
     rng = np.random.default_rng([int(seed), 0x1D5])
-    return np.stack([np.sort(rng.choice(n_unique, n_unique // 2, replace=False)) for _ in range(m)])
+    return np.stack([np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(m)])
 
 def lds_per_image(
-    scores:np.ndarray, # (N, U) attribution scores
+    scores:np.ndarray, # (N, n) attribution scores of the n training examples
     outputs:np.ndarray, # (M, N) model output of each image under each subset model
-    subsets:np.ndarray, # (M, U // 2) the subsets
+    subsets:np.ndarray, # (M, n // 2) the subsets
 ) -> np.ndarray:
     "(N,) the LDS of each generated image (Spearman over subsets; nan where undefined), via `dattri.metric.lds`."
     from dattri.metric import lds
@@ -614,7 +616,7 @@ def planned_models(
     return 1 + (2 * n_methods + 1) * n_counterfactual + subsets
 
 # %% ../nbs/12_groundtruth.ipynb #6da8937b
-GT_VERSION_TAG = 1  # bump to invalidate ground-truth stages after a change in this code
+GT_VERSION_TAG = 2  # bump to invalidate ground-truth stages after a change in this code
 
 @dataclass
 class _Ctx:
@@ -661,7 +663,7 @@ def _init_state(ctx:_Ctx) -> dict: return load_file(str(ctx.folder/"init.safeten
 def _stage_reference(ctx:_Ctx, data:GTData, force:bool) -> str:
     folder = ctx.folder/"reference"
     def work():
-        unet, sched, res = train_gt_model(data, range(data.n_unique), ctx.cfg, ctx.run.profile, _init_state(ctx),
+        unet, sched, res = train_gt_model(data, np.arange(len(data.train)), ctx.cfg, ctx.run.profile, _init_state(ctx),
                                           folder/"checkpoints", ctx.device, ctx.progress)
         save_diffusion(folder, unet.cpu(), sched, info=dict(n_labels=data.train.n_labels, source="groundtruth reference"))
         write_json(folder/"training.json", dict(losses=res.losses, seconds=res.seconds, steps_per_s=res.steps_per_s))
@@ -732,33 +734,36 @@ def _stage_scores(ctx:_Ctx, data:GTData, methods:Sequence[str], force:bool) -> s
         probe, _ = _probe(ctx)
         gen, U, rows = probe.images, data.n_unique, data.train.images
         unet, sched = _reference(ctx)
-        out, secs = {}, {}
+        out, per_row, secs = {}, {}, {}
         for m in methods:
             t0 = time.perf_counter()
             if m in EXPLAINERS:
                 model, _, recs = load_explainer(ctx.folder/"explainers"/m)
-                s = gather_rows(explainer_nis(model, recs, gen, len(rows)).nis, data.unique, U)
+                r = explainer_nis(model, recs, gen, len(rows)).nis; s = gather_rows(r, data.unique, U)
             elif m == "paper":
-                s = gather_rows(paper_nis(unet_block_features(unet, gen), unet_block_features(unet, rows)), data.unique, U)
+                r = paper_nis(unet_block_features(unet, gen), unet_block_features(unet, rows)); s = gather_rows(r, data.unique, U)
             elif m == "trak":
                 tn, tt = fixed_draws(U, cfg.trak_draws, rows.shape[1:], sched.config.num_train_timesteps, cfg.seed, stream=2)
                 tc = gc = None
                 if cfg.conditioning == "mask":
                     tc = mask_channel(data.train.masks, data.train.n_labels); gc = torch.as_tensor(probe.cond)
-                s = gather_rows(trak_scores(unet, sched, rows, tn[data.unique], tt[data.unique], gen, probe.noise, probe.t,
-                                            cfg.proj_dim, cfg.seed, device=ctx.device, train_cond=tc, target_cond=gc), data.unique, U)
+                r = trak_scores(unet, sched, rows, tn[data.unique], tt[data.unique], gen, probe.noise, probe.t,
+                                cfg.proj_dim, cfg.seed, device=ctx.device, train_cond=tc, target_cond=gc)
+                s = gather_rows(r, data.unique, U)
             elif m == "pixel_nn":
-                s = -pixel_distances(gen, rows[:U])
+                s = -pixel_distances(gen, rows[:U]); r = s[:, data.unique]
             elif m == "feature_nn":
                 fg, ft = unet_block_features(unet, gen, "mid_block"), unet_block_features(unet, rows[:U], "mid_block")
                 fg, ft = fg / np.linalg.norm(fg, axis=1, keepdims=True).clip(1e-12), ft / np.linalg.norm(ft, axis=1, keepdims=True).clip(1e-12)
-                s = fg @ ft.T
+                s = fg @ ft.T; r = s[:, data.unique]
             elif m == "random":
                 s = np.random.default_rng([cfg.seed, 0x5C0]).random((len(gen), U))
+                r = np.random.default_rng([cfg.seed, 0x5C1]).random((len(gen), len(rows)))
             else: raise ValueError(f"unknown ground-truth method {m!r}; choose from {GT_METHODS}")
-            out[m] = np.asarray(s, np.float64); secs[m] = round(time.perf_counter() - t0, 2)
+            out[m], per_row[m] = np.asarray(s, np.float64), np.asarray(r, np.float64); secs[m] = round(time.perf_counter() - t0, 2)
         tiebreak = np.random.default_rng([cfg.seed, 0x71E]).random((len(gen), U))
-        _save_npz(ctx.folder/"scores.npz", tiebreak=tiebreak, **{f"score_{m}": v for m, v in out.items()})
+        _save_npz(ctx.folder/"scores.npz", tiebreak=tiebreak, **{f"score_{m}": v for m, v in out.items()},
+                  **{f"rowscore_{m}": v for m, v in per_row.items()})
         return dict(seconds=secs)
     inputs = dict(base=ctx.base_hash, methods=list(methods),
                   explainers={m: ctx.run.stage(f"{ctx.rel}/explainer/{m}").get("input_hash") for m in methods if m in EXPLAINERS})
@@ -770,28 +775,33 @@ def load_scores(folder:str|Path) -> tuple[dict, np.ndarray]:
     z = _load_npz(Path(folder)/"scores.npz")
     return {k[6:]: v for k, v in z.items() if k.startswith("score_")}, z["tiebreak"]
 
+def load_row_scores(folder:str|Path) -> dict:
+    "{method: (N, rows) scores per training row} (the unit of the LDS) from a ground-truth folder's scores.npz."
+    z = _load_npz(Path(folder)/"scores.npz")
+    return {k[9:]: v for k, v in z.items() if k.startswith("rowscore_")}
+
 # %% ../nbs/12_groundtruth.ipynb #a5b0d9e0
-def _stage_model(ctx:_Ctx, data:GTData, keep:Sequence[int], force:bool) -> str:
-    key = keep_key(keep, data.n_unique)
+def _stage_model(ctx:_Ctx, data:GTData, rows:Sequence[int], force:bool) -> str:
+    key = rows_key(rows, len(data.train))
     folder = ctx.folder/"models"/key
-    keep = np.sort(np.asarray(keep, dtype=np.int64))
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
     def work():
         probe, _ = _probe(ctx)
         if key == "full":
             unet, sched = _reference(ctx); info = dict(seconds=0.0, reused="reference model")
         else:
-            unet, sched, res = train_gt_model(data, keep, ctx.cfg, ctx.run.profile, _init_state(ctx), folder/"checkpoints",
+            unet, sched, res = train_gt_model(data, rows, ctx.cfg, ctx.run.profile, _init_state(ctx), folder/"checkpoints",
                                               ctx.device, ctx.progress)
             info = dict(seconds=round(res.seconds, 2), resumed_from=res.resumed_from, final_loss=float(np.mean(res.losses[-20:])))
         ev = evaluate_model(unet, sched, probe, ctx.cfg.sample_steps)
-        _save_npz(folder/"result.npz", regen=ev["regen"], output=ev["output"], keep=keep)
+        _save_npz(folder/"result.npz", regen=ev["regen"], output=ev["output"], rows=rows)
         shutil.rmtree(folder/"checkpoints", ignore_errors=True)
-        return dict(n_unique=int(len(keep)), n_rows=int(len(data.rows_of(keep))), **info)
-    return ctx.run.run_stage(f"{ctx.rel}/model/{key}", work, dict(base=ctx.base_hash, keep=hash_inputs(keep.tolist()), version=GT_VERSION_TAG),
-                             [f"{ctx.rel}/models/{key}/result.npz"], force=force, params=dict(n_unique=int(len(keep))))
+        return dict(n_unique=int(len(np.unique(data.unique[rows]))), n_rows=int(len(rows)), **info)
+    return ctx.run.run_stage(f"{ctx.rel}/model/{key}", work, dict(base=ctx.base_hash, rows=hash_inputs(rows.tolist()), version=GT_VERSION_TAG),
+                             [f"{ctx.rel}/models/{key}/result.npz"], force=force, params=dict(n_rows=int(len(rows))))
 
-def _model_result(ctx:_Ctx, keep, n_unique:int) -> dict:
-    return _load_npz(ctx.folder/"models"/keep_key(keep, n_unique)/"result.npz")
+def _model_result(ctx:_Ctx, rows, n_rows:int) -> dict:
+    return _load_npz(ctx.folder/"models"/rows_key(rows, n_rows)/"result.npz")
 
 # %% ../nbs/12_groundtruth.ipynb #a3be51b0
 def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subsets:np.ndarray, force:bool) -> str:
@@ -800,29 +810,29 @@ def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subset
     def work():
         probe, smp = _probe(ctx)
         scores, tiebreak = load_scores(ctx.folder)
-        scores = {m: scores[m] for m in methods}
-        U = data.n_unique
+        scores, row_scores = {m: scores[m] for m in methods}, load_row_scores(ctx.folder)
+        U, R = data.n_unique, len(data.train)
         # test 1: memorisation
         mem, per_copy = memorisation_recovery(scores, smp["source"], tiebreak)
         # test 2: counterfactual
         unet, _ = _reference(ctx)
-        ref = _model_result(ctx, range(U), U)["regen"]
+        ref = _model_result(ctx, range(R), R)["regen"]
         f_ref = unet_block_features(unet, ref)
         rows = []
         for r in plan:
-            keep = np.setdiff1d(np.arange(U), r["removed"])
-            regen = _model_result(ctx, keep, U)["regen"]
+            keep = data.rows_of(np.setdiff1d(np.arange(U), r["removed"]))
+            regen = _model_result(ctx, keep, R)["regen"]
             j = int(np.flatnonzero(probe.cf_index == r["image"])[0])
             chg = image_change(regen[j:j + 1], ref[j:j + 1], unet_block_features(unet, regen[j:j + 1]), f_ref[j:j + 1])
-            rows.append(dict(image=r["image"], method=r["method"], kind=r["kind"], model=keep_key(keep, U),
+            rows.append(dict(image=r["image"], method=r["method"], kind=r["kind"], model=rows_key(keep, R),
                              copy_of_planted=int(smp["source"][r["image"]]), **{k: float(v[0]) for k, v in chg.items()}))
         changes = pd.DataFrame(rows)
         cf = counterfactual_effects(changes, prof.n_bootstrap, prof.seed) if len(changes) else pd.DataFrame()
         # test 3: LDS
-        outputs = np.stack([_model_result(ctx, s, U)["output"] for s in subsets])
+        outputs = np.stack([_model_result(ctx, s, R)["output"] for s in subsets])
         lds_rows, per_img = [], []
-        for m, s in scores.items():
-            l = lds_per_image(s, outputs, subsets); st = summarize(l, prof.n_bootstrap, prof.seed)
+        for m in scores:
+            l = lds_per_image(row_scores[m], outputs, subsets); st = summarize(l, prof.n_bootstrap, prof.seed)
             lds_rows.append(dict(method=m, lds=st["mean"], lds_ci_low=st["ci95_low"], lds_ci_high=st["ci95_high"], lds_n_images=st["n"]))
             per_img += [dict(method=m, generated=i, lds=float(v)) for i, v in enumerate(l)]
         tab = _summary_table(methods, mem, cf, pd.DataFrame(lds_rows), cfg, U, len(data.train), subsets.shape[0])
@@ -944,14 +954,15 @@ def run_groundtruth(
     probe, _ = _probe(ctx)
     scores, tiebreak = load_scores(ctx.folder)
     plan = removal_sets({m: scores[m] for m in methods}, probe.cf_index, cfg.topk, tiebreak, cfg.seed)
-    subsets = lds_subsets(data.n_unique, cfg.subsets, cfg.seed)
-    keeps = {keep_key(range(data.n_unique), data.n_unique): np.arange(data.n_unique)}
+    R = len(data.train)
+    subsets = lds_subsets(R, cfg.subsets, cfg.seed)
+    models = {rows_key(range(R), R): np.arange(R)}
     for r in plan:
-        keep = np.setdiff1d(np.arange(data.n_unique), r["removed"]); keeps.setdefault(keep_key(keep, data.n_unique), keep)
-    for s in subsets: keeps.setdefault(keep_key(s, data.n_unique), s)
-    bar = tqdm(list(keeps.items()), desc=f"groundtruth {cfg.version} models", unit="model", disable=not progress, leave=True)
-    for key, keep in bar:
-        status[f"model/{key}"] = _stage_model(ctx, data, keep, force)
+        rows = data.rows_of(np.setdiff1d(np.arange(data.n_unique), r["removed"])); models.setdefault(rows_key(rows, R), rows)
+    for s in subsets: models.setdefault(rows_key(s, R), s)
+    bar = tqdm(list(models.items()), desc=f"groundtruth {cfg.version} models", unit="model", disable=not progress, leave=True)
+    for key, rows in bar:
+        status[f"model/{key}"] = _stage_model(ctx, data, rows, force)
     bar.close()
     note("table", _stage_table(ctx, data, methods, plan, subsets, force))
     return status

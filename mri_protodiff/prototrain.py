@@ -22,11 +22,11 @@ from .protonets import (METHODS, ExplainerConfig, build_explainer, ProtoPool, PP
 
 # %% auto #0
 __all__ = ['LABEL_SOURCES', 'LR_FACTORS', 'WEIGHT_DECAY', 'EPPNET_CLST_COEF', 'GUMBEL_MAX_SCALE', 'GUMBEL_START',
-           'GUMBEL_SCHEDULE', 'LAST_LAYER_EPOCH_PASSES', 'POOL_SPREAD_INIT', 'CNN_PRETRAIN_EPOCHS', 'AUGMENT',
+           'PROTO_INIT_IMAGES', 'LAST_LAYER_EPOCH_PASSES', 'POOL_SPREAD_INIT', 'CNN_PRETRAIN_EPOCHS', 'AUGMENT',
            'DUP_TOL', 'TRAIN_VERSION', 'KMEANS_FEATURES', 'Labels', 'pixel_features', 'kmeans_labels',
            'explainer_labels', 'Stage', 'TrainPlan', 'plan_from_profile', 'gumbel_scale', 'PushResult',
-           'push_prototypes', 'augment_batch', 'last_layer_inputs', 'FitResult', 'fit_explainer', 'predict',
-           'accuracy_report', 'duplicate_check', 'push_records', 'save_explainer', 'load_explainer',
+           'push_prototypes', 'augment_batch', 'last_layer_inputs', 'init_prototypes', 'FitResult', 'fit_explainer',
+           'predict', 'accuracy_report', 'duplicate_check', 'push_records', 'save_explainer', 'load_explainer',
            'prototype_gallery', 'train_one', 'run_train_explainers', 'write_summary', 'push_benchmark', 'add_cli']
 
 # %% ../nbs/06_prototrain.ipynb #62c80fbe
@@ -96,13 +96,14 @@ def explainer_labels(
     return lab
 
 # %% ../nbs/06_prototrain.ipynb #594c1077
-LR_FACTORS = dict(pretrain=1.0, backbone_scratch=1.0, backbone_pretrained=1 / 30, add_on=1.0, prototypes=1.0, assignment=1.0, last=1.0)
+LR_FACTORS = dict(pretrain=1.0, backbone_scratch=1.0, backbone_pretrained=1 / 30, backbone_cnn_pretrained=1 / 10,
+                  add_on=1.0, prototypes=1.0, assignment=1.0, last=1.0)
 "learning rate of each parameter group as a multiple of the profile's `proto_lr`"
 WEIGHT_DECAY = dict(backbone=1e-3, add_on=1e-3)  # the reference codes' weight decay (other groups: none)
 EPPNET_CLST_COEF = 0.0      # EPPNet: weight of ProtoPNet's nearest-prototype cluster term beside the mean-cluster term
 GUMBEL_MAX_SCALE = 1000.0   # ProtoPool: final Gumbel-softmax scale (reference `end_val = 10 ** 3`)
 GUMBEL_START = 1.3          # ProtoPool, geometric schedule: the first scale (reference `start_val = 1.3`)
-GUMBEL_SCHEDULE = "sqrt"    # ProtoPool: "sqrt" as the reference code computes it, or "geometric" from GUMBEL_START
+PROTO_INIT_IMAGES = 256    # training images whose latent patches the "init" stage clusters (profile `proto_init = "kmeans"`)
 LAST_LAYER_EPOCH_PASSES = 10  # last-layer stage: passes over the cached similarities per profile `last_epochs`
 POOL_SPREAD_INIT = 1.0     # ProtoPool: slot (c, k) starts near prototype (c*K + k) mod M (see `ProtoPool`); 0 = the reference's random start
 CNN_PRETRAIN_EPOCHS = 8   # backbone "cnn": epochs of supervised pre-training (GAP + linear head) before the prototype stages
@@ -111,7 +112,7 @@ AUGMENT = dict(flip=True, shift=4, gain=0.15, noise=0.02)  # training-time augme
 @dataclass
 class Stage:
     "One training stage: what it does, for how long, and which parameter groups learn at which rate."
-    kind:str                 # "warm", "joint", "push", "harden" or "last"
+    kind:str                 # "pretrain", "init", "warm", "joint", "push", "harden" or "last"
     epochs:int = 0
     lr:dict = field(default_factory=dict)  # parameter group -> learning rate; groups not named are frozen
 
@@ -125,7 +126,7 @@ class TrainPlan:
     weight_decay:dict = field(default_factory=lambda: dict(WEIGHT_DECAY))
     gumbel_max:float = GUMBEL_MAX_SCALE
     gumbel_epochs:float = 0  # T of the Gumbel schedule (ProtoPool)
-    gumbel_schedule:str = GUMBEL_SCHEDULE
+    gumbel_schedule:str = "sqrt"
     gumbel_start:float = GUMBEL_START
     augment:dict = field(default_factory=lambda: dict(AUGMENT))  # see `augment_batch`; {} for none
     push_unique:bool = True  # no two prototypes pushed onto the same latent patch (see `push_prototypes`)
@@ -156,7 +157,8 @@ def plan_from_profile(
     lr0 = prof.proto_lr
     pre = [Stage("pretrain", CNN_PRETRAIN_EPOCHS, dict(backbone=lr0 * LR_FACTORS["pretrain"]))] if backbone == "cnn" and CNN_PRETRAIN_EPOCHS > 0 else []
     pretrained = pretrained or bool(pre)
-    bb_lr = 0.0 if backbone == "unet" else lr0 * LR_FACTORS["backbone_pretrained" if pretrained else "backbone_scratch"]
+    bb_key = "backbone_cnn_pretrained" if pre else "backbone_pretrained" if pretrained else "backbone_scratch"
+    bb_lr = 0.0 if backbone == "unet" else lr0 * LR_FACTORS[bb_key]
     head = dict(add_on=lr0 * LR_FACTORS["add_on"], prototypes=lr0 * LR_FACTORS["prototypes"])
     if method == "protopool": head["assignment"] = lr0 * LR_FACTORS["assignment"]
     # a pretrained (or frozen) backbone is protected from the random prototypes during warm-up (ProtoPNet's
@@ -164,7 +166,9 @@ def plan_from_profile(
     warm = Stage("warm", prof.warm_epochs, dict(head, **({"backbone": bb_lr} if bb_lr > 0 and not pretrained else {})))
     joint_lr = dict(head, **({"backbone": bb_lr} if bb_lr > 0 else {}))
     last = Stage("last", prof.last_epochs * LAST_LAYER_EPOCH_PASSES, dict(last=lr0 * LR_FACTORS["last"]))
-    stages = pre + ([warm] if prof.warm_epochs > 0 else [])
+    if prof.gumbel_schedule not in ("geometric", "sqrt"): raise ValueError(f"profile field gumbel_schedule must be 'geometric' or 'sqrt', got {prof.gumbel_schedule!r}")
+    if prof.proto_init not in ("kmeans", "random"): raise ValueError(f"profile field proto_init must be 'kmeans' or 'random', got {prof.proto_init!r}")
+    stages = pre + ([Stage("init")] if prof.proto_init == "kmeans" else []) + ([warm] if prof.warm_epochs > 0 else [])
     if method == "protopool":
         if prof.joint_epochs > 0: stages.append(Stage("joint", prof.joint_epochs, joint_lr))
         stages += [Stage("harden"), Stage("push"), last]
@@ -182,7 +186,7 @@ def plan_from_profile(
     if method == "protopool": base.update(orthogonality=prof.orth_coef)
     return TrainPlan(method, stages, base, prof.proto_batch, dict(WEIGHT_DECAY), GUMBEL_MAX_SCALE,
                      float(prof.warm_epochs + prof.joint_epochs) if method == "protopool" else 0.0,
-                     GUMBEL_SCHEDULE, GUMBEL_START, dict(AUGMENT))
+                     prof.gumbel_schedule, GUMBEL_START, dict(AUGMENT))
 
 def gumbel_scale(
     epoch:float, # fractional epoch since the start of training
@@ -416,6 +420,37 @@ def _train_last(model, stage:Stage, plan:TrainPlan, images, labels, gen, device,
                             train_acc=float((logits.argmax(1) == y_all).float().mean())))
     for p in layer.parameters(): p.requires_grad_(False)
 
+# %% ../nbs/06_prototrain.ipynb #989d096a
+@torch.no_grad()
+def init_prototypes(
+    model:nn.Module, # a PPNet, EPPNet or ProtoPool, before training
+    images, # (N, 1, H, W) training images
+    labels, # (N,) their classes
+    gen:torch.Generator, # draws the images and seeds k-means
+    device=None, # default: the model's device
+    n_images:int=PROTO_INIT_IMAGES, # images whose latent patches are clustered
+) -> dict:
+    "Stage `init`: each class's prototypes become the k-means centroids of that class's latent patches."
+    from sklearn.cluster import KMeans
+    device = device or model.prototypes.device
+    labels = np.asarray(labels)
+    idx = np.sort(torch.randperm(len(labels), generator=gen)[:n_images].numpy())
+    was = model.training; model.eval()
+    z = torch.cat([model.features(_batch(images, idx[s:s + 64], device)) for s in range(0, len(idx), 64)])
+    model.train(was)
+    patches, y = z.permute(0, 2, 3, 1).reshape(len(idx), -1, z.shape[1]).cpu().numpy(), labels[idx]
+    C = model.n_classes
+    if isinstance(model, ProtoPool): owners = [[(c * model.slots + k) % model.n_prototypes for k in range(model.slots)] for c in range(C)]
+    else: owners = [torch.nonzero(model.prototype_class[:, c]).flatten().tolist() for c in range(C)]
+    done = []
+    for c, ps in enumerate(owners):
+        X = patches[y == c].reshape(-1, patches.shape[-1])
+        if not ps or len(X) < len(ps): continue       # class absent from the draw: its prototypes keep their random start
+        km = KMeans(len(ps), n_init=1, random_state=int(torch.randint(2 ** 31 - 1, (1,), generator=gen))).fit(X)
+        model.prototypes.data[ps] = torch.as_tensor(km.cluster_centers_, dtype=model.prototypes.dtype, device=device)
+        done.append(c)
+    return dict(images=len(idx), classes=done)
+
 # %% ../nbs/06_prototrain.ipynb #0e7077c6
 @dataclass
 class FitResult:
@@ -452,6 +487,8 @@ def fit_explainer(
     for st in plan.stages:
         if st.kind == "pretrain":
             _pretrain_backbone(model, st, plan, images, labels, gen, device, history)
+        elif st.kind == "init":
+            history.append(dict(stage="init", **init_prototypes(model, images, labels, gen, device)))
         elif st.kind in ("warm", "joint"):
             epoch = _train_epochs(model, st, plan, images, labels, gen, device, epoch, history, progress)
         elif st.kind == "harden":
@@ -675,7 +712,7 @@ def train_one(
     return metrics
 
 # %% ../nbs/06_prototrain.ipynb #e92935e8
-TRAIN_VERSION = 1  # bump to invalidate trained explainers after a change in the training code
+TRAIN_VERSION = 2  # bump to invalidate trained explainers after a change in the training code
 KMEANS_FEATURES = "auto"  # "auto" (the diffusion UNet's features if the run has a trained UNet, else pixels), "unet", "pixels"
 
 def _unet_for(run:RunDir):

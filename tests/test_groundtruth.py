@@ -129,9 +129,9 @@ def test_counterfactual_stage_reproduces_bit_for_bit(tiny_run, tmp_path):
     # 1. the same stage redone in the same run
     ctx = G._context(run, "minimal", "cpu", False, **TINY)
     data = G.load_gt_data(ctx.folder/"data.npz")
-    assert G._stage_model(ctx, data, before["keep"], force=True) == "done"
+    assert G._stage_model(ctx, data, before["rows"], force=True) == "done"
     after = dict(np.load(folder/key/"result.npz"))
-    for k in ("regen", "output", "keep"): np.testing.assert_array_equal(before[k], after[k])
+    for k in ("regen", "output", "rows"): np.testing.assert_array_equal(before[k], after[k])
     assert not (folder/key/"checkpoints").exists()
     # 2. a fresh run directory with the same seed gives the same bytes
     run2 = RunDir(tmp_path/"run2", run.profile); run_data(run2)
@@ -151,6 +151,16 @@ def test_removing_the_planted_source_is_in_the_top_k_of_pixel_nn(tiny_run):
     np.testing.assert_allclose(scores["pixel_nn"], -G.pixel_distances(np.load(folder/"samples.npz")["images"], data.train.images[:data.n_unique]))
     for m in ("ppnet", "eppnet", "protopool", "paper"):
         np.testing.assert_allclose(scores[m].sum(1), 1.0, rtol=1e-6)    # NIS are shares: they sum to 1 over training images
+    # the LDS unit is the row: per-row scores sum back to the per-image scores (shares) or repeat them (similarities)
+    rows = G.load_row_scores(folder)
+    assert set(rows) == set(G.GT_METHODS) and all(r.shape == (TINY["n_generated"], len(data.train)) for r in rows.values())
+    np.testing.assert_allclose(G.gather_rows(rows["ppnet"], data.unique, data.n_unique), scores["ppnet"])
+    np.testing.assert_array_equal(rows["pixel_nn"], scores["pixel_nn"][:, data.unique])
+    # every LDS subset model trained on half of the rows
+    subs = G.lds_subsets(len(data.train), TINY.get("subsets", run.profile.gt_subsets), run.profile.seed)
+    for s in subs:
+        res = np.load(folder/"models"/G.rows_key(s, len(data.train))/"result.npz")
+        np.testing.assert_array_equal(res["rows"], s); assert len(s) == len(data.train) // 2
 
 
 # ---------------------------------------------------------------- bad input

@@ -112,21 +112,21 @@ def test_protopool_assignment_is_one_hot_at_the_end(trained):
     assert set(A.unique().tolist()) == {0.0, 1.0} and torch.equal(A.sum(1), torch.ones_like(A.sum(1)))
     assert fit.assignment_sharpness > 0.98                                 # the annealed Gumbel scale had already made it (nearly) hard
     scales = [h["gumbel_scale"] for h in fit.history if "gumbel_scale" in h]
-    assert scales == sorted(scales) and scales[-1] > 900 and float(pool.gumbel_scale) == 1000.0   # annealed up to the final scale
+    assert scales == sorted(scales) and scales[-1] > 500 and float(pool.gumbel_scale) == 1000.0   # annealed up to the final scale
 
 def test_stage_plan_is_data():
     prof = get_profile("quick")
     plan = plan_from_profile(prof, "ppnet")
-    assert [s.kind for s in plan.stages] == ["pretrain", "warm", "joint", "push", "last", "joint", "push", "last"]
-    assert "backbone" not in plan.stages[1].lr and plan.stages[2].lr["backbone"] < plan.stages[0].lr["backbone"]
+    assert [s.kind for s in plan.stages] == ["pretrain", "init", "warm", "joint", "push", "last", "joint", "push", "last"]
+    assert "backbone" not in plan.stages[2].lr and plan.stages[3].lr["backbone"] < plan.stages[0].lr["backbone"]
     assert TrainPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     pp = plan_from_profile(prof, "protopool")
-    assert [s.kind for s in pp.stages] == ["pretrain", "warm", "joint", "harden", "push", "last"] and pp.coefs["orthogonality"] == prof.orth_coef
-    assert [s.kind for s in plan_from_profile(prof, "protopool", backbone="unet").stages][0] == "warm"   # a frozen UNet is not pre-trained
+    assert [s.kind for s in pp.stages] == ["pretrain", "init", "warm", "joint", "harden", "push", "last"] and pp.coefs["orthogonality"] == prof.orth_coef
+    assert [s.kind for s in plan_from_profile(prof, "protopool", backbone="unet").stages][:2] == ["init", "warm"]   # a frozen UNet is not pre-trained
     ep = plan_from_profile(get_profile("quick", mean_clst_coef=0.3), "eppnet")
     assert ep.coefs["mean_cluster"] == 0.3 and ep.coefs["separation"] == -prof.sep_coef
-    assert "backbone" not in plan_from_profile(prof, "ppnet", backbone="unet").stages[1].lr
-    assert gumbel_scale(0, 1000, 10) == 0 and gumbel_scale(2.5, 1000, 10) == 500 and gumbel_scale(20, 1000, 10) == 1000
+    assert all("backbone" not in s.lr for s in plan_from_profile(prof, "ppnet", backbone="unet").stages)
+    assert gumbel_scale(0, 1000, 10, "sqrt") == 0 and gumbel_scale(0, 1000, 10, "geometric", 1.3) == 1.3 and gumbel_scale(2.5, 1000, 10) == 500 and gumbel_scale(20, 1000, 10) == 1000
     with pytest.raises(ValueError, match="unknown explainer method"): plan_from_profile(prof, "protonet")
 
 def test_same_seed_same_model_on_cpu():
