@@ -112,7 +112,7 @@ class Profile:
     orth_coef:float = 0.1              # ProtoPool orthogonality
     gumbel_tau:float = 0.5
     gumbel_schedule:str = "sqrt"       # ProtoPool: "sqrt" (the reference code) or "geometric" (1.3 -> 1000); see 06_prototrain
-    proto_init:str = "kmeans"          # prototypes start on k-means centroids of their class's latent patches, or "random" (the reference codes)
+    proto_init_kmeans:tuple = ("protopool",)  # methods whose prototypes start on k-means centroids of their class's latent patches; the others start random (the reference codes)
     explainer_seeds:tuple = (0, 1, 2)
     methods:tuple = ("ppnet", "eppnet", "protopool")
     # --- influence and faithfulness ---
@@ -128,6 +128,7 @@ class Profile:
     gt_topk:int = 20
     gt_subsets:int = 8
     gt_train_steps:int = 200
+    gt_probe_steps:int = 3000          # the memorisation-probe model trains this long (it must reproduce the planted images)
 
     def to_dict(self) -> dict:
         "A JSON-serialisable dict (tuples become lists)."
@@ -172,7 +173,7 @@ _PROFILES = {
                   pool_size=6, pool_slots=2, warm_epochs=1, joint_epochs=2, last_epochs=1, push_every=2,
                   proto_batch=32, explainer_seeds=(0,), paper_kmeans_k=8, topk_prototypes=3, faith_images=4,
                   faith_timesteps=(550, 150), faith_steps=10, n_bootstrap=200,
-                  gt_planted=2, gt_copies=8, gt_topk=4, gt_subsets=2, gt_train_steps=30, prediction_type="epsilon"),
+                  gt_planted=2, gt_copies=8, gt_topk=4, gt_subsets=2, gt_train_steps=30, gt_probe_steps=40, prediction_type="epsilon"),
     "quick": dict(),
     "paper": dict(image_size=256, n_subjects=200, slices_per_subject=24,
                   unet_channels=(128, 128, 256, 256, 512, 512), layers_per_block=2, attention_levels=(4,),
@@ -180,7 +181,7 @@ _PROFILES = {
                   checkpoint_every=2000, sample_steps=200, n_generated=100, sample_batch=16,
                   backbone="unet", protos_per_class=10, proto_dim=128, pool_size=20, pool_slots=5,
                   warm_epochs=5, joint_epochs=20, last_epochs=5, push_every=10, proto_batch=32, proto_lr=1e-3,
-                  faith_images=100, faith_steps=200, gt_topk=100, gt_subsets=20, gt_train_steps=20000,
+                  faith_images=100, faith_steps=200, gt_topk=100, gt_subsets=20, gt_train_steps=20000, gt_probe_steps=60000,
                   prediction_type="epsilon"),
 }
 

@@ -24,13 +24,13 @@ from .quality import summarize, bootstrap_ci, format_mean_sd, markdown_table
 
 # %% auto #0
 __all__ = ['GT_VERSIONS', 'GT_CONDITIONING', 'GT_METHODS', 'GT_LABELS', 'EXPLAINERS', 'COPY_NREF', 'COPY_MAX_RATIO', 'MINIMAL',
-           'FULL', 'TRAK_MAX_PARAMS', 'MEASURES', 'GT_VERSION_TAG', 'GTConfig', 'gt_config', 'resize_sliceset',
-           'GTData', 'plant_training_set', 'save_gt_data', 'load_gt_data', 'fixed_draws', 'diffusion_losses', 'Probe',
-           'evaluate_model', 'train_gt_model', 'pixel_distances', 'nn_ratio', 'Copies', 'detect_copies', 'gather_rows',
-           'ranking', 'unet_block_features', 'trak_parameters', 'trak_scores', 'wilson_ci', 'memorisation_recovery',
-           'removal_sets', 'rows_key', 'image_change', 'counterfactual_effects', 'lds_subsets', 'lds_per_image',
-           'planned_models', 'load_scores', 'load_row_scores', 'groundtruth_markdown', 'groundtruth_figure',
-           'run_groundtruth', 'add_cli']
+           'FULL', 'TRAK_MAX_PARAMS', 'MEASURES', 'GT_VERSION_TAG', 'WHOLE_MODELS', 'GTConfig', 'gt_config',
+           'resize_sliceset', 'GTData', 'plant_training_set', 'save_gt_data', 'load_gt_data', 'fixed_draws',
+           'diffusion_losses', 'Probe', 'evaluate_model', 'train_gt_model', 'pixel_distances', 'nn_ratio', 'Copies',
+           'detect_copies', 'gather_rows', 'ranking', 'unet_block_features', 'trak_parameters', 'trak_scores',
+           'wilson_ci', 'memorisation_recovery', 'removal_sets', 'rows_key', 'image_change', 'counterfactual_effects',
+           'lds_subsets', 'lds_per_image', 'planned_models', 'load_scores', 'load_row_scores', 'groundtruth_markdown',
+           'groundtruth_figure', 'run_groundtruth', 'add_cli']
 
 # %% ../nbs/12_groundtruth.ipynb #0bb0d0b2
 GT_VERSIONS = ("minimal", "full")
@@ -76,6 +76,9 @@ class GTConfig:
     proj_dim:int              # TRAK random projection dimension
     copy_fpr:float            # copy criterion: share of held-out real slices that would be called copies
     seed:int
+    probe_steps:int = 1       # the memorisation-probe model: profile.gt_probe_steps
+    probe_prediction:str = "epsilon"  # ... and its prediction type (the run's profile's)
+    prediction_type:str = "epsilon"   # every other ground-truth model (the LDS output and TRAK loss are D-TRAK's epsilon loss)
 
     def to_dict(self) -> dict: return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
@@ -86,14 +89,19 @@ class GTConfig:
                  attention_levels=self.attention_levels, conditioning=self.conditioning, train_steps=self.train_steps,
                  batch_size=self.batch_size, learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
                  ema_decay=self.ema_decay, checkpoint_every=self.checkpoint_every, seed=self.seed,
-                 prediction_type="epsilon")   # the LDS output and the TRAK loss are the epsilon-prediction loss (D-TRAK)
+                 prediction_type=self.prediction_type)
         return Profile.from_dict(d)
+
+    def probe_config(self) -> "GTConfig":
+        "The settings of the memorisation-probe model: `probe_steps` steps with the run's prediction type."
+        return replace(self, train_steps=self.probe_steps, checkpoint_every=max(self.probe_steps // 4, 1), prediction_type=self.probe_prediction)
 
     def describe(self) -> str:
         "One line saying which version produced a number."
         return (f"{self.version}: {self.image_size}x{self.image_size}, UNet {tuple(self.unet_channels)}, {self.train_steps} steps x "
                 f"batch {self.batch_size} per model, {self.planted} planted x {self.copies}, top-k {self.topk}, "
-                f"{self.subsets} LDS subsets, {self.n_generated} generated / {self.n_counterfactual} counterfactual images")
+                f"{self.subsets} LDS subsets, {self.n_generated} generated / {self.n_counterfactual} counterfactual images, "
+                f"probe model {self.probe_steps} steps ({self.probe_prediction})")
 
 def gt_config(
     profile:Profile, # the run's profile (its gt_* fields and, for `full`, its model sizes)
@@ -110,7 +118,8 @@ def gt_config(
                 learning_rate=profile.learning_rate, warmup_steps=min(profile.warmup_steps, max(steps // 10, 1)),
                 ema_decay=profile.ema_decay, checkpoint_every=max(steps // 4, 1), planted=profile.gt_planted,
                 copies=profile.gt_copies, topk=profile.gt_topk, subsets=profile.gt_subsets, n_generated=profile.n_generated,
-                sample_steps=profile.sample_steps, seed=profile.seed)
+                sample_steps=profile.sample_steps, seed=profile.seed, probe_steps=int(profile.gt_probe_steps),
+                probe_prediction=profile.prediction_type)
     for k, v in (MINIMAL if version == "minimal" else FULL).items():
         if v is not None: base[k] = v
     if version == "minimal":
@@ -122,7 +131,7 @@ def gt_config(
     if bad: raise ValueError(f"unknown ground-truth setting(s) {bad}; known: {sorted(names)}")
     base.update(overrides)
     cfg = GTConfig(**base)
-    for k in ("planted", "copies", "topk", "subsets", "train_steps", "n_generated", "n_counterfactual", "output_draws", "trak_draws", "proj_dim"):
+    for k in ("planted", "copies", "topk", "subsets", "train_steps", "probe_steps", "n_generated", "n_counterfactual", "output_draws", "trak_draws", "proj_dim"):
         if getattr(cfg, k) < 1: raise ValueError(f"ground-truth setting {k} must be >= 1, got {getattr(cfg, k)}")
     if cfg.subsets < 2: raise ValueError(f"the LDS needs at least 2 subsets (profile field gt_subsets), got {cfg.subsets}")
     if cfg.copies < 2: raise ValueError(f"planted images must be present at least twice (profile field gt_copies), got {cfg.copies}")
@@ -228,6 +237,14 @@ def fixed_draws(
     t = ((torch.arange(k, dtype=torch.float64) + 0.5) * num_train_timesteps / k).long().clamp(0, num_train_timesteps - 1)
     return noise, t.expand(n, k).clone()
 
+def _target(scheduler, x0:torch.Tensor, noise:torch.Tensor, abar:torch.Tensor) -> torch.Tensor:
+    "The training target of the scheduler's prediction type: epsilon, v = sqrt(abar) eps - sqrt(1 - abar) x0, or x0."
+    pt = scheduler.config.prediction_type
+    if pt == "epsilon": return noise
+    if pt == "v_prediction": return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    if pt == "sample": return x0
+    raise ValueError(f"unknown prediction_type {pt!r}")
+
 def diffusion_losses(
     unet, # a diffusers UNet2DModel
     scheduler, # its training scheduler
@@ -237,7 +254,7 @@ def diffusion_losses(
     cond:torch.Tensor|None=None, # (N, 1, H, W) mask channel for a mask-conditioned UNet
     batch_size:int=64, # (image, draw) pairs per forward pass
 ) -> np.ndarray:
-    "(N, K) epsilon-prediction MSE of each image at each fixed draw (the DDPM training loss, unweighted)."
+    "(N, K) MSE of the model's own training target (epsilon, or v for v-prediction) for each image at each fixed draw (the DDPM training loss, unweighted)."
     dev = next(unet.parameters()).device
     x0 = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     N, K = t.shape
@@ -254,7 +271,7 @@ def diffusion_losses(
             xt = s.sqrt() * flat_x[b] + (1 - s).sqrt() * flat_n[b]
             inp = torch.cat([xt, flat_c[b]], 1) if flat_c is not None else xt
             pred = unet(inp.to(dev), tt.to(dev)).sample.float().cpu()
-            out.append(((pred - flat_n[b]) ** 2).mean((1, 2, 3)))
+            out.append(((pred - _target(scheduler, flat_x[b], flat_n[b], s)) ** 2).mean((1, 2, 3)))
     unet.train(was)
     return torch.cat(out).reshape(N, K).double().numpy()
 
@@ -458,7 +475,7 @@ def trak_scores(
         xt = s.sqrt() * x0.unsqueeze(0) + (1 - s).sqrt() * noise
         if cond_kind: xt = torch.cat([xt, data[3].unsqueeze(0).expand(len(t), *data[3].shape)], 1)
         pred = torch.func.functional_call(model, params, (xt, t)).sample
-        return ((pred.float() - noise) ** 2).mean()
+        return ((pred.float() - _target(scheduler, x0.unsqueeze(0), noise, s)) ** 2).mean()
 
     def no_probability(params, data): return torch.zeros((), device=dev)   # Q = 1 - p = 1
 
@@ -660,47 +677,64 @@ def _stage_init(ctx:_Ctx, data:GTData, force:bool) -> str:
 
 def _init_state(ctx:_Ctx) -> dict: return load_file(str(ctx.folder/"init.safetensors"))
 
-def _stage_reference(ctx:_Ctx, data:GTData, force:bool) -> str:
-    folder = ctx.folder/"reference"
+WHOLE_MODELS = dict(reference="groundtruth reference", probe="groundtruth memorisation probe")   # models trained on every row
+
+def _stage_whole(ctx:_Ctx, data:GTData, name:str, force:bool) -> str:
+    "Train the `reference` model (the counterfactual and LDS baseline) or the memorisation `probe` model on every training row."
+    cfg = ctx.cfg if name == "reference" else ctx.cfg.probe_config()
+    folder = ctx.folder/name
     def work():
-        unet, sched, res = train_gt_model(data, np.arange(len(data.train)), ctx.cfg, ctx.run.profile, _init_state(ctx),
+        unet, sched, res = train_gt_model(data, np.arange(len(data.train)), cfg, ctx.run.profile, _init_state(ctx),
                                           folder/"checkpoints", ctx.device, ctx.progress)
-        save_diffusion(folder, unet.cpu(), sched, info=dict(n_labels=data.train.n_labels, source="groundtruth reference"))
+        save_diffusion(folder, unet.cpu(), sched, info=dict(n_labels=data.train.n_labels, source=WHOLE_MODELS[name]))
         write_json(folder/"training.json", dict(losses=res.losses, seconds=res.seconds, steps_per_s=res.steps_per_s))
         shutil.rmtree(folder/"checkpoints", ignore_errors=True)
-        return dict(seconds=round(res.seconds, 2), steps_per_s=round(res.steps_per_s, 3), final_loss=float(np.mean(res.losses[-20:])))
-    return ctx.run.run_stage(f"{ctx.rel}/reference", work, dict(base=ctx.base_hash), [f"{ctx.rel}/reference/unet/config.json",
-                             f"{ctx.rel}/reference/training.json"], force=force)
+        return dict(steps=cfg.train_steps, prediction_type=cfg.prediction_type, seconds=round(res.seconds, 2),
+                    steps_per_s=round(res.steps_per_s, 3), final_loss=float(np.mean(res.losses[-20:])))
+    return ctx.run.run_stage(f"{ctx.rel}/{name}", work, dict(base=ctx.base_hash, cfg=cfg.to_dict()),
+                             [f"{ctx.rel}/{name}/unet/config.json", f"{ctx.rel}/{name}/training.json"], force=force)
 
-def _reference(ctx:_Ctx):
-    unet, sched = load_diffusion(ctx.folder/"reference", device=ctx.device or "cpu")
+def _load_whole(ctx:_Ctx, name:str="reference"):
+    unet, sched = load_diffusion(ctx.folder/name, device=ctx.device or "cpu")
     return unet.eval(), sched
 
-def _stage_samples(ctx:_Ctx, data:GTData, force:bool) -> str:
+def _reference(ctx:_Ctx): return _load_whole(ctx, "reference")
+
+def _generate_and_detect(ctx:_Ctx, data:GTData, name:str) -> tuple[dict, Copies]:
+    "Generate `n_generated` images with model `name` from fixed seeds, find the copies, and fix the model-output draws."
     cfg = ctx.cfg
+    unet, sched = _load_whole(ctx, name)
+    n, k = cfg.n_generated, 0 if name == "reference" else 1
+    seeds = np.arange(n, dtype=np.int64) + cfg.seed * 1_000_000 + 500_000 + 100_000 * k
+    cond = None
+    if cfg.conditioning == "mask":
+        pick = np.random.default_rng([cfg.seed, 0xC0D, k]).integers(0, len(data.test), n)
+        cond = mask_channel(data.test.masks[pick], data.train.n_labels).numpy()
+    images = generate(unet, sched, cond, seeds.tolist(), cfg.sample_steps, "ddim", batch_size=64, progress=ctx.progress)
+    cp = detect_copies(images, data.train.images[:data.n_unique], data.test.images, data.planted, cfg.copy_fpr)
+    noise, t = fixed_draws(n, cfg.output_draws, images.shape[1:], sched.config.num_train_timesteps, cfg.seed, stream=1 + 2 * k)
+    arrays = dict(images=images, seeds=seeds, nearest=cp.nearest, ratio=cp.ratio, is_copy=cp.is_copy, source=cp.source,
+                  threshold=np.float64(cp.threshold), heldout_ratio=cp.heldout_ratio, noise=noise.numpy(), t=t.numpy(),
+                  **({"cond": cond} if cond is not None else {}))
+    return arrays, cp
+
+def _stage_samples(ctx:_Ctx, data:GTData, force:bool, name:str="reference") -> str:
+    "The reference model's generated images (`samples.npz`: counterfactual and LDS) or the probe model's (`probe.npz`: memorisation)."
+    cfg = ctx.cfg
+    out = "samples.npz" if name == "reference" else "probe.npz"
     def work():
-        unet, sched = _reference(ctx)
-        n = cfg.n_generated
-        seeds = np.arange(n, dtype=np.int64) + cfg.seed * 1_000_000 + 500_000
-        cond = None
-        if cfg.conditioning == "mask":
-            pick = np.random.default_rng([cfg.seed, 0xC0D]).integers(0, len(data.test), n)
-            cond = mask_channel(data.test.masks[pick], data.train.n_labels).numpy()
-        images = generate(unet, sched, cond, seeds.tolist(), cfg.sample_steps, "ddim", batch_size=64, progress=ctx.progress)
-        uniq = data.train.images[:data.n_unique]
-        cp = detect_copies(images, uniq, data.test.images, data.planted, cfg.copy_fpr)
+        arrays, cp = _generate_and_detect(ctx, data, name)
         copies = np.flatnonzero(cp.source >= 0); others = np.flatnonzero(cp.source < 0)
         n_copy = min(len(copies), (cfg.n_counterfactual + 1) // 2)
-        cf = np.sort(np.concatenate([copies[:n_copy], others[:cfg.n_counterfactual - n_copy]])).astype(np.int64)
-        noise, t = fixed_draws(n, cfg.output_draws, images.shape[1:], sched.config.num_train_timesteps, cfg.seed, stream=1)
-        _save_npz(ctx.folder/"samples.npz", images=images, seeds=seeds, cf_index=cf, nearest=cp.nearest, ratio=cp.ratio,
-                  is_copy=cp.is_copy, source=cp.source, threshold=np.float64(cp.threshold), heldout_ratio=cp.heldout_ratio,
-                  noise=noise.numpy(), t=t.numpy(), **({"cond": cond} if cond is not None else {}))
-        return dict(n_generated=n, copies=int(cp.is_copy.sum()), planted_copies=int(len(copies)), threshold=cp.threshold)
-    return ctx.run.run_stage(f"{ctx.rel}/samples", work, dict(base=ctx.base_hash), [f"{ctx.rel}/samples.npz"], force=force)
+        arrays["cf_index"] = np.sort(np.concatenate([copies[:n_copy], others[:cfg.n_counterfactual - n_copy]])).astype(np.int64)
+        _save_npz(ctx.folder/out, **arrays)
+        return dict(n_generated=cfg.n_generated, copies=int(cp.is_copy.sum()), planted_copies=int(len(copies)), threshold=cp.threshold)
+    stage = f"{ctx.rel}/samples" if name == "reference" else f"{ctx.rel}/probe-samples"
+    return ctx.run.run_stage(stage, work, dict(base=ctx.base_hash, model=ctx.run.stage(f"{ctx.rel}/{name}").get("input_hash")),
+                             [f"{ctx.rel}/{out}"], force=force)
 
-def _probe(ctx:_Ctx) -> tuple[Probe, dict]:
-    z = _load_npz(ctx.folder/"samples.npz")
+def _probe(ctx:_Ctx, name:str="reference") -> tuple[Probe, dict]:
+    z = _load_npz(ctx.folder/("samples.npz" if name == "reference" else "probe.npz"))
     return Probe(z["images"], z["seeds"], z.get("cond"), z["cf_index"], torch.from_numpy(z["noise"]), torch.from_numpy(z["t"])), z
 
 # %% ../nbs/12_groundtruth.ipynb #77b2bb80
@@ -726,14 +760,15 @@ def _stage_explainer(ctx:_Ctx, data:GTData, method:str, force:bool) -> str:
     inputs = dict(base=ctx.base_hash, method=method, seed=seed, backbone=backbone, explainer=_explainer_fields(prof))
     return ctx.run.run_stage(f"{ctx.rel}/explainer/{method}", work, inputs, [f"{rel}/model.safetensors", f"{rel}/push.json"], force=force)
 
-def _stage_scores(ctx:_Ctx, data:GTData, methods:Sequence[str], force:bool) -> str:
+def _stage_scores(ctx:_Ctx, data:GTData, methods:Sequence[str], force:bool, name:str="reference") -> str:
+    "Every method's scores for model `name`'s generated images: `scores.npz` (reference) or `probe_scores.npz` (probe); model-dependent methods use that model."
     prof, cfg = ctx.run.profile, ctx.cfg
     def work():
         from mri_protodiff.influence import paper_nis, explainer_nis
         from mri_protodiff.prototrain import load_explainer
-        probe, _ = _probe(ctx)
+        probe, _ = _probe(ctx, name)
         gen, U, rows = probe.images, data.n_unique, data.train.images
-        unet, sched = _reference(ctx)
+        unet, sched = _load_whole(ctx, name)
         out, per_row, secs = {}, {}, {}
         for m in methods:
             t0 = time.perf_counter()
@@ -761,18 +796,21 @@ def _stage_scores(ctx:_Ctx, data:GTData, methods:Sequence[str], force:bool) -> s
                 r = np.random.default_rng([cfg.seed, 0x5C1]).random((len(gen), len(rows)))
             else: raise ValueError(f"unknown ground-truth method {m!r}; choose from {GT_METHODS}")
             out[m], per_row[m] = np.asarray(s, np.float64), np.asarray(r, np.float64); secs[m] = round(time.perf_counter() - t0, 2)
-        tiebreak = np.random.default_rng([cfg.seed, 0x71E]).random((len(gen), U))
-        _save_npz(ctx.folder/"scores.npz", tiebreak=tiebreak, **{f"score_{m}": v for m, v in out.items()},
+        tiebreak = np.random.default_rng([cfg.seed, 0x71E, int(name != "reference")]).random((len(gen), U))
+        _save_npz(ctx.folder/_SCORE_FILES[name], tiebreak=tiebreak, **{f"score_{m}": v for m, v in out.items()},
                   **{f"rowscore_{m}": v for m, v in per_row.items()})
         return dict(seconds=secs)
-    inputs = dict(base=ctx.base_hash, methods=list(methods),
+    samples = "samples" if name == "reference" else "probe-samples"
+    inputs = dict(base=ctx.base_hash, methods=list(methods), samples=ctx.run.stage(f"{ctx.rel}/{samples}").get("input_hash"),
                   explainers={m: ctx.run.stage(f"{ctx.rel}/explainer/{m}").get("input_hash") for m in methods if m in EXPLAINERS})
-    return ctx.run.run_stage(f"{ctx.rel}/scores", work, inputs, [f"{ctx.rel}/scores.npz"], force=force,
-                             params=dict(methods=list(methods)))
+    stage = f"{ctx.rel}/scores" if name == "reference" else f"{ctx.rel}/probe-scores"
+    return ctx.run.run_stage(stage, work, inputs, [f"{ctx.rel}/{_SCORE_FILES[name]}"], force=force, params=dict(methods=list(methods)))
 
-def load_scores(folder:str|Path) -> tuple[dict, np.ndarray]:
-    "({method: (N, U) scores}, tiebreak (N, U)) from a ground-truth folder's scores.npz."
-    z = _load_npz(Path(folder)/"scores.npz")
+_SCORE_FILES = dict(reference="scores.npz", probe="probe_scores.npz")
+
+def load_scores(folder:str|Path, name:str="reference") -> tuple[dict, np.ndarray]:
+    "({method: (N, U) scores}, tiebreak (N, U)) for the `reference` model's generated images (scores.npz) or the `probe` model's (probe_scores.npz)."
+    z = _load_npz(Path(folder)/_SCORE_FILES[name])
     return {k[6:]: v for k, v in z.items() if k.startswith("score_")}, z["tiebreak"]
 
 def load_row_scores(folder:str|Path) -> dict:
@@ -812,8 +850,10 @@ def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subset
         scores, tiebreak = load_scores(ctx.folder)
         scores, row_scores = {m: scores[m] for m in methods}, load_row_scores(ctx.folder)
         U, R = data.n_unique, len(data.train)
-        # test 1: memorisation
-        mem, per_copy = memorisation_recovery(scores, smp["source"], tiebreak)
+        # test 1: memorisation, on the probe model's generated images
+        pscores, ptb = load_scores(ctx.folder, "probe")
+        psmp = _load_npz(ctx.folder/"probe.npz")
+        mem, per_copy = memorisation_recovery({m: pscores[m] for m in methods}, psmp["source"], ptb)
         # test 2: counterfactual
         unet, _ = _reference(ctx)
         ref = _model_result(ctx, range(R), R)["regen"]
@@ -842,8 +882,9 @@ def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subset
         atomic_write(tdir/"groundtruth.md", groundtruth_markdown(tab, cfg))
         fig = groundtruth_figure(tab, cfg)
         _save_fig(fig, ctx.run)
-        return dict(version=cfg.version, n_copies=int((smp["source"] >= 0).sum()), models=len({r["model"] for r in rows}))
+        return dict(version=cfg.version, n_copies=int((psmp["source"] >= 0).sum()), models=len({r["model"] for r in rows}))
     inputs = dict(base=ctx.base_hash, methods=list(methods), scores=ctx.run.stage(f"{ctx.rel}/scores").get("input_hash"),
+                  probe_scores=ctx.run.stage(f"{ctx.rel}/probe-scores").get("input_hash"),
                   n_bootstrap=prof.n_bootstrap, version=GT_VERSION_TAG)
     return ctx.run.run_stage(f"{ctx.rel}/table", work, inputs, [f"tables/{n}.csv" for n in names] + ["tables/groundtruth.md",
                              "figures/groundtruth.html"], force=force)
@@ -882,7 +923,8 @@ def groundtruth_markdown(tab:pd.DataFrame, cfg:GTConfig) -> str:
                      "LDS images": int(r["lds_n_images"]) if r.get("lds_n_images") == r.get("lds_n_images") else 0})
     head = (f"**Ground truth, {cfg.version.upper()} version** ({cfg.describe()}).\n"
             + ("Minimal version: CPU-sized pipeline check; its numbers are not properties of the methods at scale.\n" if cfg.version == "minimal" else "")
-            + "Random scores: counterfactual effect is n/a (their top-k is a random set, the reference itself).  "
+            + f"Copies: images generated by the probe model ({cfg.probe_steps} steps) that copy a planted training image; "
+            + "recovery is over them.  Random scores: counterfactual effect is n/a (their top-k is a random set, the reference itself).  "
             + "CIs are over generated images given this run's models: they leave out the variation from the choice of "
             + f"LDS subsets ({int(tab['lds_subsets'].iloc[0])} here) and are not meaningful for fewer than about 10 counterfactual images.\n\n")
     return head + markdown_table(pd.DataFrame(rows)) + "\n"
@@ -946,11 +988,14 @@ def run_groundtruth(
     data = load_gt_data(ctx.folder/"data.npz")
     if cfg.topk >= data.n_unique: raise ValueError(f"gt_topk={cfg.topk} must be below the {data.n_unique} distinct training images")
     note("init", _stage_init(ctx, data, force))
-    note("reference", _stage_reference(ctx, data, force))
+    note("reference", _stage_whole(ctx, data, "reference", force))
     note("samples", _stage_samples(ctx, data, force))
+    note("probe", _stage_whole(ctx, data, "probe", force))
+    note("probe-samples", _stage_samples(ctx, data, force, "probe"))
     for m in methods:
         if m in EXPLAINERS: note(f"explainer/{m}", _stage_explainer(ctx, data, m, force))
     note("scores", _stage_scores(ctx, data, methods, force))
+    note("probe-scores", _stage_scores(ctx, data, methods, force, "probe"))
     probe, _ = _probe(ctx)
     scores, tiebreak = load_scores(ctx.folder)
     plan = removal_sets({m: scores[m] for m in methods}, probe.cf_index, cfg.topk, tiebreak, cfg.seed)

@@ -96,14 +96,13 @@ def explainer_labels(
     return lab
 
 # %% ../nbs/06_prototrain.ipynb #594c1077
-LR_FACTORS = dict(pretrain=1.0, backbone_scratch=1.0, backbone_pretrained=1 / 30, backbone_cnn_pretrained=1 / 10,
-                  add_on=1.0, prototypes=1.0, assignment=1.0, last=1.0)
+LR_FACTORS = dict(pretrain=1.0, backbone_scratch=1.0, backbone_pretrained=1 / 30, add_on=1.0, prototypes=1.0, assignment=1.0, last=1.0)
 "learning rate of each parameter group as a multiple of the profile's `proto_lr`"
 WEIGHT_DECAY = dict(backbone=1e-3, add_on=1e-3)  # the reference codes' weight decay (other groups: none)
 EPPNET_CLST_COEF = 0.0      # EPPNet: weight of ProtoPNet's nearest-prototype cluster term beside the mean-cluster term
 GUMBEL_MAX_SCALE = 1000.0   # ProtoPool: final Gumbel-softmax scale (reference `end_val = 10 ** 3`)
 GUMBEL_START = 1.3          # ProtoPool, geometric schedule: the first scale (reference `start_val = 1.3`)
-PROTO_INIT_IMAGES = 256    # training images whose latent patches the "init" stage clusters (profile `proto_init = "kmeans"`)
+PROTO_INIT_IMAGES = 256    # training images whose latent patches the "init" stage clusters (methods in the profile's `proto_init_kmeans`)
 LAST_LAYER_EPOCH_PASSES = 10  # last-layer stage: passes over the cached similarities per profile `last_epochs`
 POOL_SPREAD_INIT = 1.0     # ProtoPool: slot (c, k) starts near prototype (c*K + k) mod M (see `ProtoPool`); 0 = the reference's random start
 CNN_PRETRAIN_EPOCHS = 8   # backbone "cnn": epochs of supervised pre-training (GAP + linear head) before the prototype stages
@@ -157,8 +156,7 @@ def plan_from_profile(
     lr0 = prof.proto_lr
     pre = [Stage("pretrain", CNN_PRETRAIN_EPOCHS, dict(backbone=lr0 * LR_FACTORS["pretrain"]))] if backbone == "cnn" and CNN_PRETRAIN_EPOCHS > 0 else []
     pretrained = pretrained or bool(pre)
-    bb_key = "backbone_cnn_pretrained" if pre else "backbone_pretrained" if pretrained else "backbone_scratch"
-    bb_lr = 0.0 if backbone == "unet" else lr0 * LR_FACTORS[bb_key]
+    bb_lr = 0.0 if backbone == "unet" else lr0 * LR_FACTORS["backbone_pretrained" if pretrained else "backbone_scratch"]
     head = dict(add_on=lr0 * LR_FACTORS["add_on"], prototypes=lr0 * LR_FACTORS["prototypes"])
     if method == "protopool": head["assignment"] = lr0 * LR_FACTORS["assignment"]
     # a pretrained (or frozen) backbone is protected from the random prototypes during warm-up (ProtoPNet's
@@ -167,8 +165,9 @@ def plan_from_profile(
     joint_lr = dict(head, **({"backbone": bb_lr} if bb_lr > 0 else {}))
     last = Stage("last", prof.last_epochs * LAST_LAYER_EPOCH_PASSES, dict(last=lr0 * LR_FACTORS["last"]))
     if prof.gumbel_schedule not in ("geometric", "sqrt"): raise ValueError(f"profile field gumbel_schedule must be 'geometric' or 'sqrt', got {prof.gumbel_schedule!r}")
-    if prof.proto_init not in ("kmeans", "random"): raise ValueError(f"profile field proto_init must be 'kmeans' or 'random', got {prof.proto_init!r}")
-    stages = pre + ([Stage("init")] if prof.proto_init == "kmeans" else []) + ([warm] if prof.warm_epochs > 0 else [])
+    bad = [m for m in prof.proto_init_kmeans if m not in METHODS]
+    if bad: raise ValueError(f"profile field proto_init_kmeans names unknown method(s) {bad}; choose from {METHODS}")
+    stages = pre + ([Stage("init")] if method in prof.proto_init_kmeans else []) + ([warm] if prof.warm_epochs > 0 else [])
     if method == "protopool":
         if prof.joint_epochs > 0: stages.append(Stage("joint", prof.joint_epochs, joint_lr))
         stages += [Stage("harden"), Stage("push"), last]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mri_protodiff import groundtruth as G
-from mri_protodiff.core import RunDir, get_profile
+from mri_protodiff.core import RunDir, get_profile, read_json
 from mri_protodiff.data import phantom_sliceset, run_data
 
 torch.set_num_threads(1)
@@ -194,3 +194,26 @@ def test_cli_groundtruth(tmp_path):
     buf = io.StringIO()
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(buf):
         assert main(["groundtruth", "--out", str(out), "--methods", "nope"]) == 2
+
+
+def test_memorisation_uses_its_own_longer_trained_probe_model(tiny_run):
+    run, st = tiny_run
+    folder = run/"groundtruth"/"minimal"
+    assert {"probe", "probe-samples", "probe-scores"} <= set(st) and all(st[k] == "done" for k in ("probe", "probe-samples", "probe-scores"))
+    ref, probe = (read_json(folder/n/"training.json") for n in ("reference", "probe"))
+    assert len(probe["losses"]) == run.profile.gt_probe_steps and len(ref["losses"]) == TINY["train_steps"]
+    pz = np.load(folder/"probe.npz")
+    scores, _ = G.load_scores(folder, "probe")
+    np.testing.assert_allclose(scores["pixel_nn"], -G.pixel_distances(pz["images"], G.load_gt_data(folder/"data.npz").train.images[:TINY["max_unique"]]))
+    per = pd.read_csv(run/"tables"/"groundtruth_probe.csv")            # the ranks of the probe's copies, one row per method and copy
+    assert len(per) == len(G.GT_METHODS) * int((pz["source"] >= 0).sum())
+
+
+def test_model_output_is_the_loss_of_the_models_own_target():
+    from diffusers import DDPMScheduler
+    x0 = torch.rand(3, 1, 8, 8) * 2 - 1; noise = torch.randn(3, 1, 8, 8); t = torch.tensor([10, 500, 990])
+    for pt in ("epsilon", "v_prediction", "sample"):
+        sch = DDPMScheduler(num_train_timesteps=1000, prediction_type=pt)
+        ab = sch.alphas_cumprod[t].view(-1, 1, 1, 1)
+        want = {"epsilon": noise, "v_prediction": sch.get_velocity(x0, noise, t), "sample": x0}[pt]
+        torch.testing.assert_close(G._target(sch, x0, noise, ab), want)

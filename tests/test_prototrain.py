@@ -117,12 +117,12 @@ def test_protopool_assignment_is_one_hot_at_the_end(trained):
 def test_stage_plan_is_data():
     prof = get_profile("quick")
     plan = plan_from_profile(prof, "ppnet")
-    assert [s.kind for s in plan.stages] == ["pretrain", "init", "warm", "joint", "push", "last", "joint", "push", "last"]
-    assert "backbone" not in plan.stages[2].lr and plan.stages[3].lr["backbone"] < plan.stages[0].lr["backbone"]
+    assert [s.kind for s in plan.stages] == ["pretrain", "warm", "joint", "push", "last", "joint", "push", "last"]
+    assert "backbone" not in plan.stages[1].lr and plan.stages[2].lr["backbone"] < plan.stages[0].lr["backbone"]
     assert TrainPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     pp = plan_from_profile(prof, "protopool")
     assert [s.kind for s in pp.stages] == ["pretrain", "init", "warm", "joint", "harden", "push", "last"] and pp.coefs["orthogonality"] == prof.orth_coef
-    assert [s.kind for s in plan_from_profile(prof, "protopool", backbone="unet").stages][:2] == ["init", "warm"]   # a frozen UNet is not pre-trained
+    assert [s.kind for s in plan_from_profile(prof, "protopool", backbone="unet").stages][:2] == ["init", "warm"]   # a frozen UNet is not pre-trained; ProtoPool's prototypes start on k-means centroids
     ep = plan_from_profile(get_profile("quick", mean_clst_coef=0.3), "eppnet")
     assert ep.coefs["mean_cluster"] == 0.3 and ep.coefs["separation"] == -prof.sep_coef
     assert all("backbone" not in s.lr for s in plan_from_profile(prof, "ppnet", backbone="unet").stages)
