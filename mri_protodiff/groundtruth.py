@@ -655,7 +655,7 @@ def _context(run:RunDir, version:str="auto", device:str|None=None, progress:bool
 def _explainer_fields(prof:Profile) -> dict:
     keys = ("label_source", "n_classes", "backbone", "protos_per_class", "proto_dim", "pool_size", "pool_slots", "warm_epochs",
             "joint_epochs", "last_epochs", "push_every", "proto_batch", "proto_lr", "clst_coef", "sep_coef", "l1_coef",
-            "mean_clst_coef", "orth_coef", "gumbel_tau", "explainer_seeds")
+            "mean_clst_coef", "orth_coef", "gumbel_tau", "gumbel_schedule", "proto_init_kmeans", "explainer_seeds")
     return {k: getattr(prof, k) for k in keys}
 
 def _stage_data(ctx:_Ctx, force:bool) -> str:

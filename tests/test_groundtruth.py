@@ -217,3 +217,9 @@ def test_model_output_is_the_loss_of_the_models_own_target():
         ab = sch.alphas_cumprod[t].view(-1, 1, 1, 1)
         want = {"epsilon": noise, "v_prediction": sch.get_velocity(x0, noise, t), "sample": x0}[pt]
         torch.testing.assert_close(G._target(sch, x0, noise, ab), want)
+
+
+def test_explainer_stage_key_follows_every_explainer_setting():
+    base = G._explainer_fields(get_profile("smoke"))
+    for k, v in (("proto_init_kmeans", ""), ("gumbel_schedule", "geometric"), ("protos_per_class", 3)):
+        assert G._explainer_fields(get_profile("smoke", **{k: v})) != base, k
