@@ -678,6 +678,8 @@ def _stage_init(ctx:_Ctx, data:GTData, force:bool) -> str:
 def _init_state(ctx:_Ctx) -> dict: return load_file(str(ctx.folder/"init.safetensors"))
 
 WHOLE_MODELS = dict(reference="groundtruth reference", probe="groundtruth memorisation probe")   # models trained on every row
+_OUT = dict(reference=dict(samples=("samples", "samples.npz"), scores=("scores", "scores.npz")),   # (stage, file) of each
+            probe=dict(samples=("probe-samples", "probe.npz"), scores=("probe-scores", "probe_scores.npz")))  # model's images and scores
 
 def _stage_whole(ctx:_Ctx, data:GTData, name:str, force:bool) -> str:
     "Train the `reference` model (the counterfactual and LDS baseline) or the memorisation `probe` model on every training row."
@@ -721,7 +723,7 @@ def _generate_and_detect(ctx:_Ctx, data:GTData, name:str) -> tuple[dict, Copies]
 def _stage_samples(ctx:_Ctx, data:GTData, force:bool, name:str="reference") -> str:
     "The reference model's generated images (`samples.npz`: counterfactual and LDS) or the probe model's (`probe.npz`: memorisation)."
     cfg = ctx.cfg
-    out = "samples.npz" if name == "reference" else "probe.npz"
+    stage, out = _OUT[name]["samples"]
     def work():
         arrays, cp = _generate_and_detect(ctx, data, name)
         copies = np.flatnonzero(cp.source >= 0); others = np.flatnonzero(cp.source < 0)
@@ -729,12 +731,11 @@ def _stage_samples(ctx:_Ctx, data:GTData, force:bool, name:str="reference") -> s
         arrays["cf_index"] = np.sort(np.concatenate([copies[:n_copy], others[:cfg.n_counterfactual - n_copy]])).astype(np.int64)
         _save_npz(ctx.folder/out, **arrays)
         return dict(n_generated=cfg.n_generated, copies=int(cp.is_copy.sum()), planted_copies=int(len(copies)), threshold=cp.threshold)
-    stage = f"{ctx.rel}/samples" if name == "reference" else f"{ctx.rel}/probe-samples"
-    return ctx.run.run_stage(stage, work, dict(base=ctx.base_hash, model=ctx.run.stage(f"{ctx.rel}/{name}").get("input_hash")),
+    return ctx.run.run_stage(f"{ctx.rel}/{stage}", work, dict(base=ctx.base_hash, model=ctx.run.stage(f"{ctx.rel}/{name}").get("input_hash")),
                              [f"{ctx.rel}/{out}"], force=force)
 
 def _probe(ctx:_Ctx, name:str="reference") -> tuple[Probe, dict]:
-    z = _load_npz(ctx.folder/("samples.npz" if name == "reference" else "probe.npz"))
+    z = _load_npz(ctx.folder/_OUT[name]["samples"][1])
     return Probe(z["images"], z["seeds"], z.get("cond"), z["cf_index"], torch.from_numpy(z["noise"]), torch.from_numpy(z["t"])), z
 
 # %% ../nbs/12_groundtruth.ipynb #77b2bb80
@@ -797,20 +798,17 @@ def _stage_scores(ctx:_Ctx, data:GTData, methods:Sequence[str], force:bool, name
             else: raise ValueError(f"unknown ground-truth method {m!r}; choose from {GT_METHODS}")
             out[m], per_row[m] = np.asarray(s, np.float64), np.asarray(r, np.float64); secs[m] = round(time.perf_counter() - t0, 2)
         tiebreak = np.random.default_rng([cfg.seed, 0x71E, int(name != "reference")]).random((len(gen), U))
-        _save_npz(ctx.folder/_SCORE_FILES[name], tiebreak=tiebreak, **{f"score_{m}": v for m, v in out.items()},
+        _save_npz(ctx.folder/_OUT[name]["scores"][1], tiebreak=tiebreak, **{f"score_{m}": v for m, v in out.items()},
                   **{f"rowscore_{m}": v for m, v in per_row.items()})
         return dict(seconds=secs)
-    samples = "samples" if name == "reference" else "probe-samples"
+    (samples, _), (stage, out) = _OUT[name]["samples"], _OUT[name]["scores"]
     inputs = dict(base=ctx.base_hash, methods=list(methods), samples=ctx.run.stage(f"{ctx.rel}/{samples}").get("input_hash"),
                   explainers={m: ctx.run.stage(f"{ctx.rel}/explainer/{m}").get("input_hash") for m in methods if m in EXPLAINERS})
-    stage = f"{ctx.rel}/scores" if name == "reference" else f"{ctx.rel}/probe-scores"
-    return ctx.run.run_stage(stage, work, inputs, [f"{ctx.rel}/{_SCORE_FILES[name]}"], force=force, params=dict(methods=list(methods)))
-
-_SCORE_FILES = dict(reference="scores.npz", probe="probe_scores.npz")
+    return ctx.run.run_stage(f"{ctx.rel}/{stage}", work, inputs, [f"{ctx.rel}/{out}"], force=force, params=dict(methods=list(methods)))
 
 def load_scores(folder:str|Path, name:str="reference") -> tuple[dict, np.ndarray]:
     "({method: (N, U) scores}, tiebreak (N, U)) for the `reference` model's generated images (scores.npz) or the `probe` model's (probe_scores.npz)."
-    z = _load_npz(Path(folder)/_SCORE_FILES[name])
+    z = _load_npz(Path(folder)/_OUT[name]["scores"][1])
     return {k[6:]: v for k, v in z.items() if k.startswith("score_")}, z["tiebreak"]
 
 def load_row_scores(folder:str|Path) -> dict:
@@ -852,7 +850,7 @@ def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subset
         U, R = data.n_unique, len(data.train)
         # test 1: memorisation, on the probe model's generated images
         pscores, ptb = load_scores(ctx.folder, "probe")
-        psmp = _load_npz(ctx.folder/"probe.npz")
+        psmp = _load_npz(ctx.folder/_OUT["probe"]["samples"][1])
         mem, per_copy = memorisation_recovery({m: pscores[m] for m in methods}, psmp["source"], ptb)
         # test 2: counterfactual
         unet, _ = _reference(ctx)
