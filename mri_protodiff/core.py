@@ -112,7 +112,7 @@ class Profile:
     orth_coef:float = 0.1              # ProtoPool orthogonality
     gumbel_tau:float = 0.5
     gumbel_schedule:str = "sqrt"       # ProtoPool: "sqrt" (the reference code) or "geometric" (1.3 -> 1000); see 06_prototrain
-    proto_init_kmeans:tuple = ("protopool",)  # methods whose prototypes start on k-means centroids of their class's latent patches; the others start random (the reference codes)
+    proto_init_kmeans:tuple = ("ppnet", "protopool")  # methods whose prototypes start on k-means centroids of their class's latent patches; the others start random (the reference codes)
     explainer_seeds:tuple = (0, 1, 2)
     methods:tuple = ("ppnet", "eppnet", "protopool")
     # --- influence and faithfulness ---

@@ -255,36 +255,52 @@ def test_faithfulness_correlation_matches_quantus():
 def test_trained_ppnet_beats_its_randomised_version_on_the_phantom():
     """Sanity check (model randomisation, Adebayo et al. 2018) on the phantom, metric 1 with the blur baseline.
 
-    A PPNet is trained on 216 phantom slices (64x64, density classes, the quick profile's plan) and explains 72
-    held-out slices.  Per slice, Spearman's rho over its top-5 prototypes between the NIS share and
-    (a) the drop of the prototype's own evidence when its region is blurred, (b) the drop of the trained PPNet's
-    logit.  The same for the explanation of a randomised copy (every weight re-drawn; three seeds), measured on the
-    same trained logit.  Asserted for every randomisation seed: mean over slices of trained minus randomised
-    >= 0.2 for (a) and >= 0.1 for (b), each with a paired Wilcoxon signed-rank p < 0.01 (a) / < 0.05 (b).
-    (Measured when written: (a) +0.35..+0.49, p <= 6e-5; (b) +0.23..+0.27, p <= 2e-3.)
+    PPNets are trained on 216 phantom slices (64x64, density classes, the quick profile's plan) with nine
+    training seeds and explain 72 held-out slices.  Per slice and model, Spearman's rho over its top-5
+    prototypes between the NIS share and (a) the drop of the prototype's own evidence when its region is
+    blurred, (b) the drop of the trained PPNet's logit.  The same for the explanation of a randomised copy
+    (every weight re-drawn; three seeds), measured on the same trained logit.  Per randomisation seed, the
+    trained-minus-randomised difference is averaged per slice over the nine trained models, and asserted:
+    mean over slices >= 0.2 for (a) and >= 0.1 for (b), each with a Wilcoxon signed-rank p < 0.01 (a) /
+    < 0.05 (b) over the 72 slices.
+
+    Why nine training seeds: the claim is about the trained method, and one trained model is a noisy draw
+    of it.  One model per seed (seeds 0-8), the logit margin (b) ranged from -0.22 to +0.69 with the
+    reference random start and from -0.16 to +0.61 with the k-means start; a single model passed every
+    criterion for 2 of the 9 seeds (random start) and 1 of 9 (k-means start), so a one-seed check passed or
+    failed by the luck of the seed (06_prototrain, "Where the prototypes start").
+    (Measured when written, pooled over the nine, k-means start: (a) +0.26 / +0.41 / +0.29, p <= 1e-7;
+    (b) +0.17 / +0.20 / +0.16, p <= 1e-3.  Random start: (a) +0.28 / +0.41 / +0.21, (b) +0.17 / +0.17 / +0.16.)
     """
     from mri_protodiff.data import phantom_sliceset
     from mri_protodiff.prototrain import fit_explainer, plan_from_profile
     from mri_protodiff.protonets import ExplainerConfig, build_explainer
     from mri_protodiff.core import get_profile
     prof = get_profile("quick")
+    assert "ppnet" in prof.proto_init_kmeans      # the default being checked
     ss = phantom_sliceset(n_subjects=24, slices_per_subject=12, size=64, seed=0)
     tr, te = ss.subset(np.arange(216)), ss.subset(np.arange(216, 288))           # subjects 0-17 / 18-23
     assert not set(np.asarray(tr.subject)) & set(np.asarray(te.subject))
     cfg = ExplainerConfig(method="ppnet", n_classes=4, image_size=64, protos_per_class=prof.protos_per_class, proto_dim=prof.proto_dim)
-    model = fit_explainer(cfg, plan_from_profile(prof, "ppnet"), np.array(tr.images), np.asarray(tr.density), seed=0, device="cpu").model
     x = torch.from_numpy(np.array(te.images, np.float32))
-    share, tgt = nis_shares(model, x)
-    real = prototype_ablation(model, x, share, k=5, baseline="blur", model=model, target=tgt)
-    for s in (100, 101, 102):
-        rnd = randomize_explainer(model, s, init=lambda: build_explainer(cfg))
-        fake = prototype_ablation(rnd, x, nis_shares(rnd, x, None, tgt)[0], k=5, baseline="blur", model=model, target=tgt)
-        for drop, margin, alpha in (("evidence", 0.2, 0.01), ("logit", 0.1, 0.05)):
-            a, b = real.correlation(drop), fake.correlation(drop)
-            ok = np.isfinite(a) & np.isfinite(b)
-            assert ok.sum() >= 60
-            diff, p = float(np.mean(a[ok] - b[ok])), float(stats.wilcoxon(a[ok], b[ok]).pvalue)
-            assert diff >= margin and p < alpha, (drop, s, diff, p)
+    diffs = {}
+    for seed in range(9):
+        model = fit_explainer(cfg, plan_from_profile(prof, "ppnet"), np.array(tr.images), np.asarray(tr.density), seed=seed, device="cpu").model
+        share, tgt = nis_shares(model, x)
+        real = prototype_ablation(model, x, share, k=5, baseline="blur", model=model, target=tgt)
+        for s in (100, 101, 102):
+            rnd = randomize_explainer(model, s, init=lambda: build_explainer(cfg))
+            fake = prototype_ablation(rnd, x, nis_shares(rnd, x, None, tgt)[0], k=5, baseline="blur", model=model, target=tgt)
+            for drop in ("evidence", "logit"):
+                d = real.correlation(drop) - fake.correlation(drop)
+                assert np.isfinite(d).sum() >= 60, (seed, s, drop)
+                diffs.setdefault((drop, s), []).append(d)
+    for (drop, s), ds in diffs.items():
+        d = np.nanmean(np.stack(ds), 0)
+        d = d[np.isfinite(d)]
+        margin, alpha = dict(evidence=(0.2, 0.01), logit=(0.1, 0.05))[drop]
+        diff, p = float(d.mean()), float(stats.wilcoxon(d).pvalue)
+        assert diff >= margin and p < alpha, (drop, s, diff, p)
 
 
 # --- the stage and its command line ------------------------------------------------------------------

@@ -117,8 +117,9 @@ def test_protopool_assignment_is_one_hot_at_the_end(trained):
 def test_stage_plan_is_data():
     prof = get_profile("quick")
     plan = plan_from_profile(prof, "ppnet")
-    assert [s.kind for s in plan.stages] == ["pretrain", "warm", "joint", "push", "last", "joint", "push", "last"]
-    assert "backbone" not in plan.stages[1].lr and plan.stages[2].lr["backbone"] < plan.stages[0].lr["backbone"]
+    assert [s.kind for s in plan.stages] == ["pretrain", "init", "warm", "joint", "push", "last", "joint", "push", "last"]
+    assert "backbone" not in plan.stages[2].lr and plan.stages[3].lr["backbone"] < plan.stages[0].lr["backbone"]
+    assert "init" not in [s.kind for s in plan_from_profile(prof, "eppnet").stages]      # EPPNet keeps the reference's random start
     assert TrainPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     pp = plan_from_profile(prof, "protopool")
     assert [s.kind for s in pp.stages] == ["pretrain", "init", "warm", "joint", "harden", "push", "last"] and pp.coefs["orthogonality"] == prof.orth_coef
