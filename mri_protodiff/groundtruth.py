@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_groundtruth.ipynb #50c0e5c6
 from __future__ import annotations
-import argparse, io, math, shutil, sys, time, warnings
+import argparse, io, itertools, math, shutil, sys, time, warnings
 from dataclasses import dataclass, field, asdict, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,13 +24,13 @@ from .quality import summarize, bootstrap_ci, format_mean_sd, markdown_table
 
 # %% auto #0
 __all__ = ['GT_VERSIONS', 'GT_CONDITIONING', 'GT_METHODS', 'GT_LABELS', 'EXPLAINERS', 'COPY_NREF', 'COPY_MAX_RATIO', 'MINIMAL',
-           'FULL', 'TRAK_MAX_PARAMS', 'MEASURES', 'GT_VERSION_TAG', 'WHOLE_MODELS', 'GTConfig', 'gt_config',
-           'resize_sliceset', 'GTData', 'plant_training_set', 'save_gt_data', 'load_gt_data', 'fixed_draws',
-           'diffusion_losses', 'Probe', 'evaluate_model', 'train_gt_model', 'pixel_distances', 'nn_ratio', 'Copies',
-           'detect_copies', 'gather_rows', 'ranking', 'unet_block_features', 'trak_parameters', 'trak_scores',
-           'wilson_ci', 'memorisation_recovery', 'removal_sets', 'rows_key', 'image_change', 'counterfactual_effects',
-           'lds_subsets', 'lds_per_image', 'planned_models', 'load_scores', 'load_row_scores', 'groundtruth_markdown',
-           'groundtruth_figure', 'run_groundtruth', 'add_cli']
+           'FULL', 'TRAK_MAX_PARAMS', 'MEASURES', 'LDS_PERMUTATIONS', 'GT_VERSION_TAG', 'WHOLE_MODELS', 'GTConfig',
+           'gt_config', 'resize_sliceset', 'GTData', 'plant_training_set', 'save_gt_data', 'load_gt_data',
+           'fixed_draws', 'diffusion_losses', 'Probe', 'evaluate_model', 'train_gt_model', 'pixel_distances',
+           'nn_ratio', 'Copies', 'detect_copies', 'gather_rows', 'ranking', 'unet_block_features', 'trak_parameters',
+           'trak_scores', 'wilson_ci', 'memorisation_recovery', 'removal_sets', 'rows_key', 'image_change',
+           'counterfactual_effects', 'lds_subsets', 'lds_per_image', 'lds_permutation_test', 'planned_models',
+           'load_scores', 'load_row_scores', 'groundtruth_markdown', 'groundtruth_figure', 'run_groundtruth', 'add_cli']
 
 # %% ../nbs/12_groundtruth.ipynb #0bb0d0b2
 GT_VERSIONS = ("minimal", "full")
@@ -623,6 +623,37 @@ def lds_per_image(
         corr, _ = lds(s, (gt, idx))
     return corr.double().numpy()
 
+# %% ../nbs/12_groundtruth.ipynb #de7c7168
+LDS_PERMUTATIONS = 20000  # subset shuffles for `lds_permutation_test` (all M! of them when fewer)
+
+def lds_permutation_test(
+    scores:np.ndarray, # (N, n) attribution scores of the n training examples
+    outputs:np.ndarray, # (M, N) model output of each image under each subset model
+    subsets:np.ndarray, # (M, n // 2) the subsets
+    n_perm:int=LDS_PERMUTATIONS, # shuffles; all M! when M! <= n_perm
+    seed:int=0, # draws the shuffles when they are sampled
+) -> dict:
+    "Mean LDS over images and its null with the subset models shuffled (one shuffle for all images): mean, null_sd, p (two-sided), n_images, n_perm."
+    from scipy.stats import rankdata
+    scores, outputs, subsets = np.asarray(scores, np.float64), np.asarray(outputs, np.float64), np.asarray(subsets)
+    M = len(subsets)
+    if outputs.shape != (M, scores.shape[0]): raise ValueError(f"outputs must be (subsets, images) = {(M, scores.shape[0])}, got {outputs.shape}")
+    A = np.stack([scores[:, s].sum(1) for s in subsets], 1)                     # (N, M) summed attribution per subset
+    def unit(x):
+        r = rankdata(x, axis=1); r = r - r.mean(1, keepdims=True)
+        return r / np.where((nrm := np.linalg.norm(r, axis=1, keepdims=True)) > 0, nrm, np.nan)
+    RA, RO = unit(A), unit(outputs.T)
+    ok = np.isfinite(RA).all(1) & np.isfinite(RO).all(1)                         # constant rows: LDS undefined
+    if not ok.any(): return dict(mean=float("nan"), null_sd=float("nan"), p=float("nan"), n_images=0, n_perm=0)
+    K = RA[ok].T @ RO[ok] / ok.sum()                                             # K[a, b]: mean over images of RA[:, a] * RO[:, b]
+    if math.factorial(M) <= n_perm: perms = np.array(list(itertools.permutations(range(M))))
+    else:
+        rng = np.random.default_rng([int(seed), 0x9E7])
+        perms = np.concatenate([np.arange(M)[None], np.argsort(rng.random((n_perm - 1, M)), 1)])
+    null = K[np.arange(M), perms].sum(1)
+    obs = float(np.trace(K))
+    return dict(mean=obs, null_sd=float(null.std()), p=float((np.abs(null) >= abs(obs) - 1e-12).mean()), n_images=int(ok.sum()), n_perm=len(perms))
+
 # %% ../nbs/12_groundtruth.ipynb #31ca4cdf
 def planned_models(
     n_methods:int, # methods other than random scores
@@ -871,7 +902,9 @@ def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subset
         lds_rows, per_img = [], []
         for m in scores:
             l = lds_per_image(row_scores[m], outputs, subsets); st = summarize(l, prof.n_bootstrap, prof.seed)
-            lds_rows.append(dict(method=m, lds=st["mean"], lds_ci_low=st["ci95_low"], lds_ci_high=st["ci95_high"], lds_n_images=st["n"]))
+            pt = lds_permutation_test(row_scores[m], outputs, subsets, seed=prof.seed)
+            lds_rows.append(dict(method=m, lds=st["mean"], lds_ci_low=st["ci95_low"], lds_ci_high=st["ci95_high"], lds_n_images=st["n"],
+                                 lds_null_sd=pt["null_sd"], lds_perm_p=pt["p"]))
             per_img += [dict(method=m, generated=i, lds=float(v)) for i, v in enumerate(l)]
         tab = _summary_table(methods, mem, cf, pd.DataFrame(lds_rows), cfg, U, len(data.train), subsets.shape[0])
         tdir = ctx.run/"tables"
@@ -883,7 +916,7 @@ def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subset
         return dict(version=cfg.version, n_copies=int((psmp["source"] >= 0).sum()), models=len({r["model"] for r in rows}))
     inputs = dict(base=ctx.base_hash, methods=list(methods), scores=ctx.run.stage(f"{ctx.rel}/scores").get("input_hash"),
                   probe_scores=ctx.run.stage(f"{ctx.rel}/probe-scores").get("input_hash"),
-                  n_bootstrap=prof.n_bootstrap, version=GT_VERSION_TAG)
+                  n_bootstrap=prof.n_bootstrap, version=GT_VERSION_TAG, table=2)
     return ctx.run.run_stage(f"{ctx.rel}/table", work, inputs, [f"tables/{n}.csv" for n in names] + ["tables/groundtruth.md",
                              "figures/groundtruth.html"], force=force)
 
@@ -918,13 +951,15 @@ def groundtruth_markdown(tab:pd.DataFrame, cfg:GTConfig) -> str:
                      "top-k minus bottom-k": fmt(col(r, "cf_effect_vs_bottom"), col(r, "cf_effect_vs_bottom_ci_low"), col(r, "cf_effect_vs_bottom_ci_high")),
                      "CF images": int(col(r, "cf_n_images")) if np.isfinite(col(r, "cf_n_images")) else 0,
                      "LDS [95% CI]": fmt(col(r, "lds"), col(r, "lds_ci_low"), col(r, "lds_ci_high")),
-                     "LDS images": int(r["lds_n_images"]) if r.get("lds_n_images") == r.get("lds_n_images") else 0})
+                     "LDS images": int(r["lds_n_images"]) if r.get("lds_n_images") == r.get("lds_n_images") else 0,
+                     "LDS p, subsets shuffled": f"{col(r, 'lds_perm_p'):.3f}" if np.isfinite(col(r, "lds_perm_p")) else "n/a"})
     head = (f"**Ground truth, {cfg.version.upper()} version** ({cfg.describe()}).\n"
             + ("Minimal version: CPU-sized pipeline check; its numbers are not properties of the methods at scale.\n" if cfg.version == "minimal" else "")
             + f"Copies: images generated by the probe model ({cfg.probe_steps} steps) that copy a planted training image; "
             + "recovery is over them.  Random scores: counterfactual effect is n/a (their top-k is a random set, the reference itself).  "
             + "CIs are over generated images given this run's models: they leave out the variation from the choice of "
-            + f"LDS subsets ({int(tab['lds_subsets'].iloc[0])} here) and are not meaningful for fewer than about 10 counterfactual images.\n\n")
+            + f"LDS subsets ({int(tab['lds_subsets'].iloc[0])} here) and are not meaningful for fewer than about 10 counterfactual images; "
+            + "the LDS p-value does include it (the mean LDS against the subset models shuffled, `lds_permutation_test`).\n\n")
     return head + markdown_table(pd.DataFrame(rows)) + "\n"
 
 def groundtruth_figure(tab:pd.DataFrame, cfg:GTConfig):

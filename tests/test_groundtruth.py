@@ -77,6 +77,26 @@ def test_lds_of_random_attribution_is_near_zero_and_matches_scipy():
     with pytest.raises(ValueError, match="subsets, images"): G.lds_per_image(true, outputs[:, :5], subsets)
 
 
+def test_lds_permutation_null_is_wide_when_images_move_together():
+    "The subset-shuffle test: its mean is the mean LDS; independent images give a narrow null, images sharing a subset factor a wide one."
+    import math
+    rng = np.random.default_rng(3)
+    U, N, M = 30, 300, 6                                   # 6! = 720 shuffles: all of them
+    subsets = G.lds_subsets(U, M, seed=2)
+    true = rng.normal(size=(N, U))
+    outputs = np.stack([true[:, s].sum(1) for s in subsets]) + 0.5 * rng.normal(size=(M, N))
+    pt = G.lds_permutation_test(true, outputs, subsets)
+    assert pt["n_perm"] == math.factorial(M) and pt["n_images"] == N
+    np.testing.assert_allclose(pt["mean"], np.nanmean(G.lds_per_image(true, outputs, subsets)), rtol=1e-10)
+    assert pt["p"] <= 2 / math.factorial(M)                # only the identity (and at most a tie) reaches it
+    indep = G.lds_permutation_test(rng.normal(size=(N, U)), rng.normal(size=(M, N)), subsets)
+    row = rng.normal(size=U)
+    common = G.lds_permutation_test(np.tile(row, (N, 1)) + 1e-6 * rng.normal(size=(N, U)),
+                                    rng.normal(size=(M, 1)) + 0.1 * rng.normal(size=(M, N)), subsets)
+    assert indep["null_sd"] < 0.05 < 0.3 < common["null_sd"]
+    assert np.isnan(G.lds_permutation_test(np.zeros((N, U)), outputs, subsets)["mean"])   # constant scores: undefined
+
+
 # ---------------------------------------------------------------- the stage: determinism, resume, outputs
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -94,14 +114,15 @@ def test_run_groundtruth_writes_tables_and_figure(tiny_run):
     tab = pd.read_csv(run/"tables"/"groundtruth.csv")
     assert list(tab.method) == list(G.GT_METHODS)
     assert set(tab.version) == {"minimal"} and tab.setup.str.startswith("minimal: 16x16").all()
-    for col in ("top1_recovery", "top1_ci_low", "cf_effect_vs_random", "cf_effect_vs_bottom", "lds", "lds_ci_low", "n_copies"):
+    for col in ("top1_recovery", "top1_ci_low", "cf_effect_vs_random", "cf_effect_vs_bottom", "lds", "lds_ci_low", "lds_perm_p", "lds_null_sd", "n_copies"):
         assert col in tab.columns
     r = tab.set_index("method")
     assert np.isnan(r.loc["random", "cf_effect_vs_random"])       # random scores have no counterfactual of their own
     assert np.isfinite(r.loc["pixel_nn", "cf_change_topk"]) and r.loc["pixel_nn", "cf_n_images"] == 1
     assert r.loc["pixel_nn", "lds_subsets"] == 3
     md = (run/"tables"/"groundtruth.md").read_text()
-    assert "MINIMAL version" in md and "not properties of the methods at scale" in md
+    assert "MINIMAL version" in md and "not properties of the methods at scale" in md and "LDS p, subsets shuffled" in md
+    assert ((tab.lds_perm_p.dropna() >= 0) & (tab.lds_perm_p.dropna() <= 1)).all() and tab.lds_perm_p.notna().any()
     assert (run/"figures"/"groundtruth.html").exists()
     ch = pd.read_csv(run/"tables"/"groundtruth_changes.csv")
     assert set(ch.kind) == {"top", "bottom", "random"} and (ch[["one_minus_ssim", "l2", "feature"]] >= 0).all().all()
