@@ -464,14 +464,19 @@ class ProtoPool(_Explainer):
         self.assignment_logits = nn.Parameter(torch.empty(n_classes, pool_size, slots))
         nn.init.xavier_normal_(self.assignment_logits, gain=1.0)
         if spread_init:   # the reference's commented-out initialisation, as a bias: slot (c, k) starts near prototype c*K + k
+            start = self.slot_start()
             with torch.no_grad():
                 for c in range(n_classes):
-                    for k in range(slots): self.assignment_logits[c, (c * slots + k) % pool_size, k] += spread_init
+                    for k in range(slots): self.assignment_logits[c, start[c, k], k] += spread_init
         self.register_buffer("_slot_identity", class_identity(n_classes, slots))
         self.slot_layer = nn.Linear(n_classes * slots, n_classes, bias=False)
         init_last_layer(self.slot_layer, self._slot_identity, incorrect)
         self.register_buffer("gumbel_scale", torch.tensor(0.0))  # set by the trainer's schedule
         self.register_buffer("hard_index", torch.full((n_classes, slots), -1, dtype=torch.long))  # -1: not hardened
+
+    def slot_start(self) -> torch.Tensor:
+        "(C, K) the prototype each slot starts near: (c*K + k) mod M for slot (c, k) (`spread_init`; the k-means start of 06_prototrain)."
+        return (torch.arange(self.n_classes)[:, None] * self.slots + torch.arange(self.slots)) % self.n_prototypes
 
     @property
     def hardened(self) -> bool: return bool((self.hard_index >= 0).all())

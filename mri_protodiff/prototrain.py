@@ -439,7 +439,7 @@ def init_prototypes(
     model.train(was)
     patches, y = z.permute(0, 2, 3, 1).reshape(len(idx), -1, z.shape[1]).cpu().numpy(), labels[idx]
     C = model.n_classes
-    if isinstance(model, ProtoPool): owners = [[(c * model.slots + k) % model.n_prototypes for k in range(model.slots)] for c in range(C)]
+    if isinstance(model, ProtoPool): owners = model.slot_start().tolist()
     else: owners = [torch.nonzero(model.prototype_class[:, c]).flatten().tolist() for c in range(C)]
     done = []
     for c, ps in enumerate(owners):
