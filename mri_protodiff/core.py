@@ -11,11 +11,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+import mri_protodiff
 
 # %% auto #0
-__all__ = ['PAPER_TIMESTEPS', 'seed_everything', 'get_device', 'Profile', 'get_profile', 'atomic_write', 'write_json',
-           'read_json', 'hash_inputs', 'hash_file', 'environment_info', 'git_info', 'StageError', 'RunDir',
-           'add_run_args', 'parse_overrides', 'open_run']
+__all__ = ['PAPER_TIMESTEPS', 'SECTIONS', 'seed_everything', 'get_device', 'DataSection', 'DiffusionSection', 'ExplainerSection',
+           'FaithfulnessSection', 'GroundTruthSection', 'Profile', 'get_profile', 'atomic_write', 'write_json',
+           'read_json', 'hash_inputs', 'hash_file', 'environment_info', 'git_info', 'StageError', 'RunDir', 'open_run']
 
 # %% ../nbs/00_core.ipynb #3b85f96e
 def seed_everything(
@@ -55,28 +56,29 @@ def get_device(
     if hasattr(torch.backends, "mps") and torch.backends.mps.is_available(): return torch.device("mps")
     return torch.device("cpu")
 
-# %% ../nbs/00_core.ipynb #b2949b82
+# %% ../nbs/00_core.ipynb #8a336d6d
 PAPER_TIMESTEPS = (995, 885, 775, 665, 555, 445, 335, 225, 115, 0)
 
 @dataclass
-class Profile:
-    "Every size, step count, seed and coefficient of one pipeline run (flat, so it maps to papermill parameters and CLI flags)."
-    name:str = "quick"
-    seed:int = 0                       # master seed: data, diffusion init, sampling noise
-    # --- data ---
+class DataSection:
+    "The slices: their size, how many phantom subjects, and the subject-level split."
     image_size:int = 64                # square slices, pixels
     n_subjects:int = 96                # phantom subjects
     slices_per_subject:int = 16        # adjacent slices per phantom subject
     val_fraction:float = 0.15          # subject-level split fractions
     test_fraction:float = 0.15
-    # --- diffusion model (diffusers UNet2DModel + DDPMScheduler) ---
+
+# %% ../nbs/00_core.ipynb #813b1df7
+@dataclass
+class DiffusionSection:
+    "The diffusion model (diffusers UNet2DModel + DDPMScheduler), its training, sampling and recorded trajectories."
     unet_channels:tuple = (16, 32, 64)  # block_out_channels
     layers_per_block:int = 1
     attention_levels:tuple = ()        # indices of down blocks with attention (up blocks mirror)
     conditioning:str = "mask"          # "mask" (label map as an extra input channel, as the paper) or "none"
     num_train_timesteps:int = 1000
     beta_schedule:str = "linear"
-    prediction_type:str = "v_prediction"  # quick only; smoke and paper predict epsilon, as the paper (03_diffusion says why)
+    prediction_type:str = "v_prediction"  # quick only; smoke and paper predict epsilon, as the paper (04_diffusion says why)
     train_steps:int = 600
     batch_size:int = 16
     learning_rate:float = 1e-3
@@ -85,20 +87,28 @@ class Profile:
     grad_clip:float = 1.0
     checkpoint_every:int = 200
     mixed_precision:str = "auto"       # "auto" (bf16 on GPU, none on CPU), "no", "bf16", "fp16"
-    # --- sampling and trajectory ---
+    min_snr_gamma:float = 5.0          # min-SNR loss weighting gamma (Hang et al. 2023); 0 trains with the plain DDPM loss
     sample_steps:int = 50              # DDIM steps for generated images
     n_generated:int = 24               # generated images analysed
     sample_batch:int = 32
     trajectory_steps:int = 200         # DDIM steps of the recorded trajectory (the paper: 200)
     trajectory_timesteps:tuple = PAPER_TIMESTEPS
-    # --- prototype explainers ---
+    n_trajectories:int = 4             # trajectories the stage `trajectory` records (at most n_generated)
+
+# %% ../nbs/00_core.ipynb #603f369d
+@dataclass
+class ExplainerSection:
+    "The prototype explainers: labels, sizes, the training stages and their coefficients."
     label_source:str = "density"       # "density" (BI-RADS class), "lesion", or "kmeans" pseudo-classes
     n_classes:int = 4
+    kmeans_features:str = "auto"       # label_source kmeans: "auto" (the UNet's features if trained, else pixels), "unet", "pixels"
     backbone:str = "cnn"               # "cnn" (from scratch), "unet" (frozen diffusion encoder), "resnet18", "vgg11", "densenet121"
+    cnn_pretrain_epochs:int = 8        # backbone "cnn": epochs of supervised pre-training before the prototype stages
     protos_per_class:int = 5           # PPNet / EPPNet
     proto_dim:int = 64
     pool_size:int = 12                 # ProtoPool: shared prototypes
     pool_slots:int = 3                 # ProtoPool: slots per class
+    pool_spread_init:float = 1.0       # ProtoPool: slot (c, k) starts near prototype (c*K + k) mod M; 0 = the reference's random start
     warm_epochs:int = 2
     joint_epochs:int = 8
     last_epochs:int = 3
@@ -111,44 +121,124 @@ class Profile:
     mean_clst_coef:float = 0.8         # EPPNet mean-cluster coefficient
     orth_coef:float = 0.1              # ProtoPool orthogonality
     gumbel_tau:float = 0.5
-    gumbel_schedule:str = "sqrt"       # ProtoPool: "sqrt" (the reference code) or "geometric" (1.3 -> 1000); see 06_prototrain
+    gumbel_schedule:str = "sqrt"       # ProtoPool: "sqrt" (the reference code) or "geometric" (1.3 -> 1000); see 07_prototrain
     proto_init_kmeans:tuple = ("ppnet", "protopool")  # methods whose prototypes start on k-means centroids of their class's latent patches; the others start random (the reference codes)
     explainer_seeds:tuple = (0, 1, 2)
     methods:tuple = ("ppnet", "eppnet", "protopool")
-    # --- influence and faithfulness ---
-    paper_kmeans_k:int = 100
+
+# %% ../nbs/00_core.ipynb #0174d7fa
+@dataclass
+class FaithfulnessSection:
+    "Explanations and their faithfulness: the paper's k-means references, top-k, the generative metric's sizes and the ablation's choices."
+    paper_kmeans_k:int = 100           # the paper's scripts: k-means references of "EPPNet" and "ProtoPool"
     topk_prototypes:int = 5
     faith_images:int = 10              # generated images for faithfulness through the denoising
     faith_timesteps:tuple = (775, 555, 335, 115)
     faith_steps:int = 25               # DDIM steps when re-denoising after a perturbation
-    n_bootstrap:int = 1000
-    # --- ground truth (counterfactual retraining) ---
+    ablation_baseline:str = "blur"     # what a removed region becomes (metric 1, deletion / insertion): "blur", "mean" or "noise"
+    region_fraction:float = 0.10       # q: every prototype's region covers this fraction of the image
+    curve_steps:int = 20               # deletion / insertion steps
+    generative_seeds:int = 1           # metric 2 runs for the first this-many explainer seeds of each method
+    generative_randomised:bool = True  # metric 2 also for the randomised explainer (doubles its cost)
+
+# %% ../nbs/00_core.ipynb #509ba5c2
+def _gt_minimal() -> dict:
+    "The minimal ground-truth version's sizes (CPU-sized; `image_size` is a ceiling, `n_generated` is twice the profile's)."
+    return dict(image_size=32, unet_channels=(16, 32, 32), layers_per_block=1, attention_levels=(), batch_size=16,
+                learning_rate=2e-3, ema_decay=0.99, max_unique=128, n_counterfactual=2, sample_steps=25,
+                output_draws=8, trak_draws=4, proj_dim=64, copy_fpr=0.01)
+
+def _gt_full() -> dict:
+    "The full version's sizes beside the run's own (None: the profile's value)."
+    return dict(max_unique=0, n_generated=None, n_counterfactual=10, sample_steps=None, output_draws=16, trak_draws=8,
+                proj_dim=1024, copy_fpr=0.01)
+
+@dataclass
+class GroundTruthSection:
+    "Counterfactual retraining: planted copies, removals, LDS subsets, model sizes, and the two versions' sizes."
     gt_planted:int = 3
     gt_copies:int = 30
     gt_topk:int = 20
     gt_subsets:int = 8
     gt_train_steps:int = 200
     gt_probe_steps:int = 3000          # the memorisation-probe model trains this long (it must reproduce the planted images)
+    gt_minimal:dict = field(default_factory=_gt_minimal)  # chapter groundtruth, version "minimal"
+    gt_full:dict = field(default_factory=_gt_full)        # version "full"
+
+# %% ../nbs/00_core.ipynb #52aedc7f
+SECTIONS = dict(data=DataSection, diffusion=DiffusionSection, explainers=ExplainerSection, faithfulness=FaithfulnessSection,
+                groundtruth=GroundTruthSection)
+
+def _section_of() -> dict:
+    "{field name: section name} over every section (field names are unique across sections)."
+    return {f.name: s for s, cls in SECTIONS.items() for f in fields(cls)}
+
+@dataclass
+class Profile:
+    "Every setting of one pipeline run that changes a result: the master seed, the bootstrap size and five sections."
+    name:str = "quick"
+    seed:int = 0                       # master seed: data, diffusion init, sampling noise, explainers, bootstrap
+    n_bootstrap:int = 1000             # bootstrap resamples of every confidence interval
+    data:DataSection = field(default_factory=DataSection)
+    diffusion:DiffusionSection = field(default_factory=DiffusionSection)
+    explainers:ExplainerSection = field(default_factory=ExplainerSection)
+    faithfulness:FaithfulnessSection = field(default_factory=FaithfulnessSection)
+    groundtruth:GroundTruthSection = field(default_factory=GroundTruthSection)
 
     def to_dict(self) -> dict:
-        "A JSON-serialisable dict (tuples become lists)."
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        "A JSON-serialisable dict: top-level fields, then one dict per section (tuples become lists)."
+        return json.loads(json.dumps(asdict(self), default=list))
+
+    def flat(self) -> dict:
+        "Every setting as {'seed': .., 'data.image_size': .., ...} (JSON values)."
+        d = self.to_dict()
+        return {**{k: v for k, v in d.items() if k not in SECTIONS},
+                **{f"{s}.{k}": v for s in SECTIONS for k, v in d[s].items()}}
+
+    def get(self, key:str):
+        "One setting by its name, with or without its section: `get('train_steps') == get('diffusion.train_steps')`."
+        s, k = _split_key(key)
+        return getattr(getattr(self, s), k) if s else getattr(self, k)
+
+    def updated(self, **changes) -> "Profile":
+        "A copy with `changes` (field names with or without their section; strings are cast to the field's type)."
+        return Profile.from_dict({**self.flat(), **changes})
 
     @classmethod
     def from_dict(cls, d:dict) -> "Profile":
-        "Inverse of `to_dict`; unknown keys are an error that names them."
-        names = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(names))
-        if unknown: raise KeyError(f"unknown profile field(s) {unknown}; known fields: {sorted(names)}")
-        return cls(**{k: _coerce(names[k], v, k) for k, v in d.items()})
+        "Inverse of `to_dict`; also takes flat keys (`train_steps`, `diffusion.train_steps`); unknown keys are an error that names them."
+        top = {f.name: f for f in fields(cls) if f.name not in SECTIONS}
+        vals, sec = {}, {s: {} for s in SECTIONS}
+        items = [(f"{k}.{kk}", vv) for k, v in d.items() if k in SECTIONS and isinstance(v, dict) for kk, vv in v.items()]
+        items += [(k, v) for k, v in d.items() if not (k in SECTIONS and isinstance(v, dict))]
+        for k, v in items:
+            s, f = _split_key(k)
+            if s is None: vals[f] = _coerce(top[f], v, f)
+            else: sec[s][f] = _coerce(SECTIONS[s].__dataclass_fields__[f], v, f"{s}.{f}")
+        return cls(**vals, **{s: SECTIONS[s](**kw) for s, kw in sec.items()})
+
+def _split_key(key:str) -> tuple:
+    "'diffusion.train_steps' or 'train_steps' -> ('diffusion', 'train_steps'); 'seed' -> (None, 'seed'); an unknown name is an error."
+    top = [f.name for f in fields(Profile) if f.name not in SECTIONS]
+    where = _section_of()
+    s, dot, k = key.rpartition(".")
+    if not dot:
+        if key in top: return None, key
+        if key in where: return where[key], key
+    elif s in SECTIONS and k in where and where[k] == s: return s, k
+    raise KeyError(f"unknown profile field {key!r}; known fields: {top + [f'{v}.{n}' for n, v in where.items()]}")
 
 # %% ../nbs/00_core.ipynb #76b344bc
 _EMPTY_TUPLE_ITEMS = dict(attention_levels=int)  # item type of tuple fields whose default is empty
 
 def _coerce(f:dataclasses.Field, v:Any, key:str) -> Any:
-    "Cast `v` to the type of profile field `f` (strings from the command line included)."
-    default = f.default
+    "Cast `v` to the type of profile field `f` (strings from the command line included; dicts from JSON)."
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     try:
+        if isinstance(default, dict):
+            if isinstance(v, str): v = json.loads(v)
+            if not isinstance(v, dict): raise ValueError("not a JSON object")
+            return {k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}
         if isinstance(default, tuple):
             if isinstance(v, str): v = [s for s in v.replace(" ", "").split(",") if s]
             typ = type(default[0]) if default else _EMPTY_TUPLE_ITEMS.get(f.name, str)
@@ -165,7 +255,7 @@ def _coerce(f:dataclasses.Field, v:Any, key:str) -> Any:
         raise ValueError(f"profile field {key!r} expects {type(default).__name__}, got {v!r} ({e})") from None
 
 # %% ../nbs/00_core.ipynb #f9b18788
-_PROFILES = {
+_PROFILES = {   # field = value changes against the defaults above (field names as in any section)
     "smoke": dict(image_size=32, n_subjects=12, slices_per_subject=6, unet_channels=(16, 32, 32),
                   layers_per_block=1, attention_levels=(), train_steps=40, batch_size=8, warmup_steps=5,
                   checkpoint_every=20, sample_steps=10, n_generated=6, sample_batch=6, trajectory_steps=20,
@@ -187,14 +277,12 @@ _PROFILES = {
 
 def get_profile(
     name:str="quick", # "smoke", "quick" or "paper"
-    **overrides, # profile fields to change, e.g. `train_steps=10`; strings are cast to the field's type
+    **overrides, # settings to change, e.g. `train_steps=10` or `**{"diffusion.train_steps": 10}`; strings are cast to the field's type
 ) -> Profile:
     "The named profile with `overrides` applied."
     if name not in _PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(_PROFILES)}")
-    base = Profile(name=name, **_PROFILES[name]).to_dict()
-    base.update(overrides)
-    return Profile.from_dict(base)
+    return Profile.from_dict({**_PROFILES[name], **overrides, "name": name})
 
 # %% ../nbs/00_core.ipynb #b7a3b470
 def atomic_write(
@@ -266,7 +354,6 @@ def environment_info() -> dict:
 
 def _package_dir() -> Path:
     "The folder the installed `mri_protodiff` package lives in (the repository root's child in an editable install)."
-    import mri_protodiff
     return Path(mri_protodiff.__file__).resolve().parent
 
 def git_info(path:str|Path=".") -> dict:
@@ -285,6 +372,7 @@ def git_info(path:str|Path=".") -> dict:
 class StageError(RuntimeError):
     "A stage finished without producing what it promised."
 
+# %% ../nbs/00_core.ipynb #a58592f2
 class RunDir:
     "A run directory `runs/<name>/` with its `manifest.json`."
     def __init__(self,
@@ -297,7 +385,8 @@ class RunDir:
         m = self.manifest
         if profile is not None:
             if "profile" in m and m["profile"] != profile.to_dict() and not overwrite_profile:
-                changed = sorted(k for k, v in profile.to_dict().items() if m["profile"].get(k) != v)
+                old = Profile.from_dict(m["profile"]).flat()
+                changed = sorted(k for k, v in profile.flat().items() if old.get(k) != v)
                 raise ValueError(f"{self.manifest_path}: this run was made with another profile "
                                  f"(fields differ: {changed}); use a new --out folder or --force")
             m["profile"] = profile.to_dict()
@@ -364,6 +453,7 @@ class RunDir:
                            summary=summary if _jsonable(summary) else None)
         return "done"
 
+# %% ../nbs/00_core.ipynb #3cceef8c
 def _now() -> str: return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 def _jsonable(o) -> bool:
@@ -371,23 +461,6 @@ def _jsonable(o) -> bool:
     except TypeError: return False
 
 # %% ../nbs/00_core.ipynb #13fc494b
-def add_run_args(parser) -> None:
-    "Add `--out`, `--profile`, `--set` and `--force` to an argparse parser."
-    parser.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
-    parser.add_argument("--profile", choices=sorted(_PROFILES), default=None,
-                        help="profile for a new run (default: quick; an existing run keeps its own)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override one profile field, e.g. --set train_steps=200 (repeatable)")
-    parser.add_argument("--force", action="store_true", help="redo stages that are already done")
-
-def parse_overrides(items:Iterable[str]) -> dict:
-    "Turn ['a=1', 'b=x,y'] into {'a': '1', 'b': 'x,y'}, naming a malformed item."
-    out = {}
-    for it in items:
-        if "=" not in it: raise ValueError(f"--set expects FIELD=VALUE, got {it!r}")
-        k, v = it.split("=", 1); out[k.strip()] = v.strip()
-    return out
-
 def open_run(
     out:str|Path, # the run directory
     profile:str|None=None, # profile name for a new run; None keeps the recorded one (or "quick" for a new run)

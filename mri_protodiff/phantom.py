@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_phantom.ipynb #0dc11a73
 from __future__ import annotations
-import argparse, hashlib, time
+import hashlib, time
 from dataclasses import dataclass, asdict, field
 import numpy as np
 from scipy.special import ndtri
@@ -74,7 +74,9 @@ class Field3D:
 
 # %% ../nbs/01_phantom.ipynb #c97cd7e4
 FGT_FRACTION = (0.01, 0.3, 0.55, 0.85)  # FGT share of the glandular envelope for BI-RADS a-d (ordered like BI-RADS 4th ed.: <25%, 25-50%, 51-75%, >75%)
+
 ENVELOPE = (0.7, 0.85, 0.9, 0.97)        # size of the glandular envelope relative to the breast, per class
+
 SLICE_SPACING = 0.02                      # physical units between adjacent slices (~3.5 mm)
 
 @dataclass
@@ -93,6 +95,7 @@ class PhantomSubject:
     enhancement:float                            # 0..1: contrast uptake of blood, vessels, lesion and BPE (timing of the phase)
     fgt_mix:tuple                                # weights of coarse / mid / fine FGT texture
 
+# %% ../nbs/01_phantom.ipynb #444c8012
 def phantom_subject(
     subject:int, # subject number (0, 1, ...); fixes density class `subject % 4` and every random draw
     seed:int=0, # data seed
@@ -175,6 +178,7 @@ def _line(f, gx, gy, width, px):
 # %% ../nbs/01_phantom.ipynb #d5ce10c1
 INTENSITY = dict(fat=0.25, skin=0.45, muscle=0.16, mediastinum=0.24, lung=0.04, lung_vessel=0.26, myocardium=0.38,
                  blood=0.82, spine=0.27, canal=0.08, fgt=0.62, vessel=0.95, lesion=0.92)  # fat-suppressed post-contrast T1, 0..1
+
 BPE_AMPLITUDE = (0.0, 0.07, 0.14, 0.22)   # extra FGT enhancement for minimal / mild / moderate / marked BPE
 
 def _fields(s:PhantomSubject) -> dict:
@@ -188,8 +192,10 @@ def _fields(s:PhantomSubject) -> dict:
     return {k: Field3D.random(rng, h, lo_a if a else lo, hi_a if a else hi) for k, (h, a) in spec.items()}
 
 BLUR = 0.003         # physical sd of the point-spread blur (~0.5 mm)
+
 FGT_STRETCH = 0.6   # FGT texture is elongated 1/0.6 times along the breast's anterior-posterior axis (ducts run to the nipple)
 
+# %% ../nbs/01_phantom.ipynb #52bfce53
 def render_subject(
     s:PhantomSubject, # the subject, from `phantom_subject`
     size:int=64, # output is size x size pixels
@@ -395,14 +401,3 @@ def bench_phantom(
         cpu, wall = time.process_time() - t0, time.perf_counter() - w0
         out[size] = dict(slices=n_sub * spp, cpu_s=round(cpu, 3), wall_s=round(wall, 3), slices_per_s=round(n_sub * spp / max(cpu, 1e-9), 1))
     return out
-
-def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mri_protodiff.phantom", description="Benchmark the breast MRI phantom (slices/s).")
-    p.add_argument("--sizes", default="64,256", help="comma-separated image sizes (default 64,256)")
-    p.add_argument("--slices", type=int, default=256, help="slices per size (default 256)")
-    a = p.parse_args(argv)
-    for size, r in bench_phantom(tuple(int(s) for s in a.sizes.split(",")), a.slices).items():
-        print(f"{size}x{size}: {r['slices_per_s']:.0f} slices/s (CPU time; {r['slices']} slices in {r['cpu_s']} s CPU, {r['wall_s']} s wall)")
-    return 0
-
-if __name__ == "__main__" and "__file__" in globals(): raise SystemExit(_main())   # `python -m mri_protodiff.phantom` (not in a notebook)

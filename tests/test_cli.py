@@ -6,7 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from mri_protodiff import cli
+from mri_protodiff import cli, reproduce as R
 from mri_protodiff.core import RunDir, get_profile
 
 PARAMS = 'profile = "quick"\nrun_dir = "runs/default"\ndata = "phantom"\ndiffusion = ""\noverrides = "{}"\nforce = False'
@@ -35,9 +35,9 @@ def log(run): return [json.loads(l) for l in (Path(run)/"log.jsonl").read_text()
 def experiments(tmp_path):
     exp = tmp_path/"experiments"; exp.mkdir()
     make_nb(exp/"01_data.ipynb", PARAMS, LOG.format(name="01_data"),
-            "from mri_protodiff.cli import open_experiment\nrun = open_experiment(run_dir, profile, overrides)\n"
+            "from mri_protodiff.pipeline import open_experiment\nrun = open_experiment(run_dir, profile, overrides)\n"
             "(run/'tables').mkdir(exist_ok=True)\n"
-            "(run/'tables'/'image_quality.md').write_text('| metric | value |\\n|---|---|\\n| PSNR (dB) | %d |' % run.profile.train_steps)")
+            "(run/'tables'/'image_quality.md').write_text('| metric | value |\\n|---|---|\\n| PSNR (dB) | %d |' % run.profile.diffusion.train_steps)")
     make_nb(exp/"02_paper.ipynb", PARAMS, LOG.format(name="02_paper"),
             "from pathlib import Path\n(Path(run_dir)/'tables'/'faithfulness.md').write_text('| method | r |\\n|---|---|\\n| EPPNet | 0.15 |')")
     (exp/"_scratch.ipynb").write_text("not a notebook")   # ignored: leading underscore
@@ -50,7 +50,7 @@ def test_help_lists_subcommands_and_options():
     p = cli.build_parser()
     sub = next(a for a in p._actions if a.dest == "command").choices
     rep = sub["reproduce"].format_help()
-    for opt in ("--profile", "--data", "--diffusion", "--out", "--set", "--force", "--notebooks", "--no-site", "--kernel",
+    for opt in ("--profile", "--data", "--checkpoint", "--out", "--set", "--force", "--notebooks", "--no-site", "--kernel",
                 "--papermill-progress"):
         assert opt in rep, opt
     assert all(a.help for a in sub["reproduce"]._actions), "every option has help text"
@@ -67,18 +67,18 @@ def test_console_script():
 @pytest.fixture
 def fixed_code(monkeypatch):
     "Pin the library-code hash (other work on the package must not rerun the notebooks mid-test)."
-    monkeypatch.setattr(cli, "_code_hash", lambda: "code-v1")
+    monkeypatch.setattr(R, "_code_hash", lambda: "code-v1")
 
 
 def test_reproduce_runs_notebooks_in_order_with_parameters(experiments, tmp_path, fixed_code, monkeypatch):
     run, data = tmp_path/"runs"/"r", tmp_path/"mydata"; data.mkdir()
     rc, out, err = run_main("reproduce", "--profile", "smoke", "--out", run, "--notebooks", experiments, "--data", data,
-                            "--diffusion", "ckpt/not-here", "--set", "train_steps=7", "--no-site")
+                            "--checkpoint", "ckpt/not-here", "--set", "train_steps=7", "--no-site")
     assert rc == 0, err
     entries = log(run)
     assert [e["nb"] for e in entries] == ["01_data", "02_paper"]
     e = entries[0]
-    assert e["profile"] == "smoke" and e["overrides"] == {"train_steps": 7} and e["force"] is False
+    assert e["profile"] == "smoke" and e["overrides"] == {"diffusion.train_steps": 7} and e["force"] is False
     assert e["run_dir"] == str(run.resolve()) and e["cwd"] == str(run.resolve())      # absolute; run dir is the cwd
     assert e["data"] == str(data.resolve()) and e["diffusion"] == "ckpt/not-here"      # existing paths made absolute
     executed = nbformat.read(run/"notebooks"/"01_data.ipynb", as_version=4)
@@ -91,18 +91,18 @@ def test_reproduce_runs_notebooks_in_order_with_parameters(experiments, tmp_path
     assert "| PSNR (dB) | 7 |" in out and "| EPPNet | 0.15 |" in out and "mri-protodiff site --out" in out
     assert "01_data.ipynb: done" in out
 
-    # same inputs (profile, --data, --diffusion are remembered by the run): nothing runs
+    # same inputs (profile, --data, --checkpoint are remembered by the run): nothing runs
     rc, out, _ = run_main("reproduce", "--out", run, "--notebooks", experiments, "--no-site")
     assert rc == 0 and len(log(run)) == 2 and out.count("skipped (done with the same inputs)") == 2
     # the library code changes: every notebook reruns (its stages decide for themselves what to redo)
-    monkeypatch.setattr(cli, "_code_hash", lambda: "code-v2")
+    monkeypatch.setattr(R, "_code_hash", lambda: "code-v2")
     rc, out, _ = run_main("reproduce", "--out", run, "--notebooks", experiments, "--no-site")
     assert rc == 0 and [e["nb"] for e in log(run)[2:]] == ["01_data", "02_paper"]
     # an upstream notebook changes: it and everything after it rerun
     make_nb(experiments/"01_data.ipynb", PARAMS, LOG.format(name="01_data"), "print('edited')")
     rc, out, _ = run_main("reproduce", "--out", run, "--notebooks", experiments, "--no-site")
     assert rc == 0 and [e["nb"] for e in log(run)[4:]] == ["01_data", "02_paper"]
-    assert log(run)[4]["data"] == str(data.resolve())        # the run remembers --data (and --diffusion)
+    assert log(run)[4]["data"] == str(data.resolve())        # the run remembers --data (and --checkpoint)
     # --force reruns everything and tells the notebooks to redo their stages
     rc, _, _ = run_main("reproduce", "--out", run, "--notebooks", experiments, "--no-site", "--force")
     assert rc == 0 and [(e["nb"], e["force"]) for e in log(run)[6:]] == [("01_data", True), ("02_paper", True)]
@@ -123,7 +123,7 @@ def test_reproduce_failure_names_cell_and_resumes(experiments, tmp_path, fixed_c
     assert any(o.output_type == "error" for c in failed.cells if c.cell_type == "code" for o in c.outputs)
     # fixed: the next run resumes at the failed notebook, and ends by building the site (nbconvert: no quarto here)
     make_nb(experiments/"02_paper.ipynb", PARAMS, LOG.format(name="02_paper"))
-    monkeypatch.setattr(cli, "library_notebooks", lambda library=None: [])       # the repository's chapters are not needed here
+    monkeypatch.setattr(R, "library_notebooks", lambda library=None: [])       # the repository's chapters are not needed here
     monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p)/"quarto").exists()))
     rc, out, err = run_main("reproduce", "--out", run, "--notebooks", experiments)
     assert rc == 0, err
@@ -161,6 +161,48 @@ def test_site_command_errors(tmp_path):
 
 
 def test_experiments_dir_is_the_repository_one():
-    root = cli.repo_dir()
+    root = R.repo_dir()
     assert root is not None and (root/"settings.ini").exists()
-    assert cli.experiments_dir() == root/"nbs"/"experiments"
+    assert R.experiments_dir() == root/"nbs"/"experiments"
+
+
+def test_every_stage_has_a_subcommand_with_its_inputs_and_outputs_documented(tmp_path, monkeypatch):
+    "Each entry of `stages.STAGES`: a subcommand whose --help names what it needs and writes, and a pipeline function taking its options."
+    import inspect
+    import torch
+    from mri_protodiff import core, pipeline, stages
+    p = cli.build_parser()
+    sub = next(a for a in p._actions if a.dest == "command").choices
+    for st in stages.STAGES:
+        assert st.name in sub, f"no subcommand for stage {st.name!r}"
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e: cli.main([st.name, "--help"])
+        assert e.value.code == 0, st.name
+        text = out.getvalue()
+        for need in st.needs: assert need in text, (st.name, need)
+        for w in st.writes: assert w in text, (st.name, w)
+        fn = getattr(pipeline, st.func, None)
+        assert callable(fn), f"stage {st.name!r}: no function pipeline.{st.func}"
+        params = inspect.signature(fn).parameters
+        any_kw = any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())
+        for o in st.options:
+            d = cli.option_dest(o)
+            if d == "threads": continue   # not a stage parameter: `run_stage_command` takes it (checked below)
+            assert any_kw or d in params, f"stage {st.name!r}: option {o.flags[0]} (dest {d!r}) is no parameter of pipeline.{st.func}"
+    assert set(stages.PROFILE_NAMES) == set(core._PROFILES) and len(stages.PROFILE_NAMES) == len(set(stages.PROFILE_NAMES))
+    # --threads (train-explainers) sets torch's CPU threads and is not passed on to the stage function
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_train_explainers", lambda run, **kw: seen.update(kw) or {})
+    threads = torch.get_num_threads()
+    try:
+        rc, out, err = run_main("train-explainers", "--out", tmp_path/"r", "--profile", "smoke", "--threads", 1, "--methods", "ppnet")
+        assert rc == 0, err
+        assert torch.get_num_threads() == 1 and "threads" not in seen and seen["methods"] == ("ppnet",)
+    finally: torch.set_num_threads(threads)
+
+
+def test_building_the_parser_does_not_import_torch():
+    r = subprocess.run([sys.executable, "-c", "import mri_protodiff.cli as c; c.build_parser(); import sys; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

@@ -11,13 +11,22 @@ def test_same_seed_same_draws():
     assert np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1])
     seed_everything(124); assert not torch.equal(torch.randn(10), a[1])
 
-def test_profiles_are_flat_and_roundtrip():
+def test_profiles_are_sectioned_and_roundtrip():
     for name in ("smoke", "quick", "paper"):
         p = get_profile(name)
         d = json.loads(json.dumps(p.to_dict()))
-        assert all(not isinstance(v, dict) for v in d.values())
-        assert Profile.from_dict(d) == p
-    assert get_profile("paper").image_size == 256 and get_profile("paper").sample_steps == 200
+        assert set(d) == {"name", "seed", "n_bootstrap", "data", "diffusion", "explainers", "faithfulness", "groundtruth"}
+        assert Profile.from_dict(d) == p and Profile.from_dict(p.flat()) == p
+    assert get_profile("paper").data.image_size == 256 and get_profile("paper").diffusion.sample_steps == 200
+
+def test_a_setting_is_named_alone_or_with_its_section():
+    p = get_profile("smoke", train_steps="3")
+    assert p == get_profile("smoke", **{"diffusion.train_steps": 3}) and p.get("train_steps") == p.diffusion.train_steps == 3
+    assert Profile.from_dict({"name": "smoke", "train_steps": 3}).diffusion.train_steps == 3     # a flat (older) manifest still reads
+    assert p.updated(region_fraction=0.2).faithfulness.region_fraction == 0.2
+    with pytest.raises(KeyError, match="data.train_steps"): get_profile("smoke", **{"data.train_steps": 3})
+    with pytest.raises(KeyError, match="trian_steps"): get_profile("smoke", trian_steps=3)
+    with pytest.raises(ValueError, match="gt_minimal"): get_profile("smoke", gt_minimal="[1, 2]")
 
 def test_manifest_records_versions_and_commit(tmp_run):
     rd = RunDir(tmp_run, get_profile("smoke"))
@@ -94,6 +103,6 @@ def test_kill_during_manifest_writes_never_leaves_partial_json(tmp_path):
 
 def test_open_run_keeps_recorded_profile(tmp_run):
     open_run(tmp_run, "smoke", {"train_steps": "9"})
-    assert open_run(tmp_run).profile.train_steps == 9
+    assert open_run(tmp_run).profile.diffusion.train_steps == 9
     with pytest.raises(ValueError, match="another profile"):
         open_run(tmp_run, "quick")

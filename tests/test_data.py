@@ -7,8 +7,9 @@ from PIL import Image
 
 from mri_protodiff.core import RunDir, get_profile
 from mri_protodiff.phantom import LABELS, LABEL_INDEX, array_hash
-from mri_protodiff.data import (SliceSet, phantom_sliceset, run_data, load_sliceset, load_split, make_split, read_any,
-                                read_volume, read_dicom_series, index_folder, write_duke_example, CacheWriter, read_cache)
+from mri_protodiff.data import SliceSet, phantom_sliceset, load_sliceset, load_split, make_split, CacheWriter, read_cache
+from mri_protodiff.readers import read_any, read_volume, read_dicom_series, index_folder, write_duke_example
+from mri_protodiff.pipeline import run_data
 
 L = LABEL_INDEX
 
@@ -34,12 +35,9 @@ def _cli(*args):
     import contextlib, io
     import mri_protodiff.cli as cli
     out, err = io.StringIO(), io.StringIO()
-    saved, cli.STAGE_MODULES = cli.STAGE_MODULES, ("data",)     # only this chapter's subcommands: no heavy imports
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try: rc = cli.main([str(a) for a in args])
-            except SystemExit as e: rc = e.code
-    finally: cli.STAGE_MODULES = saved
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: rc = cli.main([str(a) for a in args])
+        except SystemExit as e: rc = e.code
     return _Result(rc, out.getvalue(), err.getvalue())
 
 def _failed_cleanly(rd):
@@ -73,14 +71,14 @@ def test_sliceset_contract():
 
 def test_cli_phantom_quick_profile_cache_split_and_fast_reload(tmp_path):
     out = tmp_path/"runs"/"x"
-    r = _cli("data", "--source", "phantom", "--profile", "quick", "--out", str(out))
+    r = _cli("data", "--data", "phantom", "--profile", "quick", "--out", str(out))
     assert r.returncode == 0, r.stderr
     prof = get_profile("quick")
     for f in ("images.npy", "masks.npy", "split.json", "meta.json"): assert (out/"data"/f).exists()
     t0 = time.perf_counter(); ss = load_sliceset(out); sp = load_split(out); dt = time.perf_counter() - t0
     assert dt < 1.0, dt
-    assert isinstance(ss.images, np.memmap) and len(ss) == prof.n_subjects * prof.slices_per_subject
-    assert ss.size == (prof.image_size, prof.image_size)
+    assert isinstance(ss.images, np.memmap) and len(ss) == prof.data.n_subjects * prof.data.slices_per_subject
+    assert ss.size == (prof.data.image_size, prof.data.image_size)
     subj = {k: set(ss.subject[v]) for k, v in sp.items()}
     assert not subj["train"] & subj["test"] and not subj["train"] & subj["val"] and not subj["val"] & subj["test"]
     assert sorted(np.concatenate(list(sp.values()))) == list(range(len(ss)))
@@ -308,9 +306,11 @@ def test_bad_source_and_options(tmp_path):
 
 def test_cli_reports_errors_and_notes(tmp_path):
     src = tmp_path/"d"; _png(src/"a.png", _img(0)); (src/"x.txt").write_text("x")
-    r = _cli("data", "--source", f"folder:{src}", "--profile", "smoke", "--out", tmp_path/"r")
-    assert r.returncode == 0 and "skipped 1 file" in r.stderr and "1 slices" in r.stdout, (r.stdout, r.stderr)
-    r = _cli("data", "--source", f"folder:{tmp_path/'none'}", "--out", tmp_path/"r2")
+    r = _cli("data", "--data", f"folder:{src}", "--profile", "smoke", "--out", tmp_path/"r")
+    # the loaders' notes come as "note: ..." lines before the report ("data: done; in RUN" and the stage summary as JSON)
+    assert r.returncode == 0 and "note: " in r.stdout and "skipped 1 file" in r.stdout, (r.stdout, r.stderr)
+    assert "data: done; in " in r.stdout and '"n": 1' in r.stdout, (r.stdout, r.stderr)
+    r = _cli("data", "--data", f"folder:{tmp_path/'none'}", "--out", tmp_path/"r2")
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 # ---------------------------------------------------------------- the Duke layout
@@ -364,7 +364,7 @@ def test_duke_annotations_csv_and_position_order(tmp_path, duke):
     with pytest.raises(ValueError, match=r"bad\.csv.*lacks column"): run_data(rd, f"duke:{duke['root']}", annotations=str(bad))
 
 def test_duke_cli(tmp_path, duke):
-    r = _cli("data", "--source", f"duke:{duke['root']}", "--profile", "smoke", "--out", tmp_path/"r",
+    r = _cli("data", "--data", f"duke:{duke['root']}", "--profile", "smoke", "--out", tmp_path/"r",
              "--annotations", duke["annotations"], "--segmentations", duke["segmentations"])
     assert r.returncode == 0, r.stderr
     assert (tmp_path/"r"/"data"/"split.json").exists() and len(load_sliceset(tmp_path/"r")) == 32

@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mri_protodiff.core import RunDir, get_profile
-from mri_protodiff.data import run_data, load_sliceset, phantom_sliceset
+from mri_protodiff.data import load_sliceset, phantom_sliceset
 from mri_protodiff import diffusion as D
+from mri_protodiff import pipeline as P
+from mri_protodiff.pipeline import run_data
 
 torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -134,8 +136,8 @@ def test_seeded_sampling_does_not_depend_on_batch(trained, ss, sampler):
 
 def test_run_sample_writes_images_with_their_masks(tmp_path, data_run):
     run = copy_run(data_run, tmp_path/"run")
-    assert D.run_train_diffusion(run, progress=False) == "done"
-    assert D.run_sample(run, progress=False) == "done" and D.run_sample(run, progress=False) == "skipped"
+    assert P.run_train_diffusion(run, progress=False) == "done"
+    assert P.run_sample(run, progress=False) == "done" and P.run_sample(run, progress=False) == "skipped"
     z = np.load(run/"samples"/"samples.npz", allow_pickle=False)
     test = load_sliceset(run, "test")
     assert z["images"].shape == (3, 1, 32, 32) and z["images"].dtype == np.float32
@@ -151,18 +153,18 @@ def test_run_sample_writes_images_with_their_masks(tmp_path, data_run):
 
 SLOW_TRAIN = textwrap.dedent("""
     import sys, time
-    import mri_protodiff.diffusion as D
-    orig = D.train_diffusion
+    import mri_protodiff.pipeline as P
+    orig = P.train_diffusion             # the stage (chapter pipeline) calls the name it imported from chapter diffusion
     def slow(step, loss):
         if step >= 4: time.sleep(0.5)     # after the first checkpoint: slow enough to be killed mid-run
-    D.train_diffusion = lambda *a, **k: orig(*a, **{**k, "callback": slow})
-    D.run_train_diffusion(sys.argv[1], progress=False)
+    P.train_diffusion = lambda *a, **k: orig(*a, **{**k, "callback": slow})
+    P.run_train_diffusion(sys.argv[1], progress=False)
 """)
 
 
 def test_killed_then_resumed_run_ends_with_uninterrupted_weights(tmp_path, data_run):
     a, b = copy_run(data_run, tmp_path/"a"), copy_run(data_run, tmp_path/"b")
-    ref = subprocess.Popen([sys.executable, "-c", "import sys, mri_protodiff.diffusion as D; D.run_train_diffusion(sys.argv[1], progress=False)",
+    ref = subprocess.Popen([sys.executable, "-c", "import sys, mri_protodiff.pipeline as P; P.run_train_diffusion(sys.argv[1], progress=False)",
                             str(a.root)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, str(b.root)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
@@ -188,7 +190,7 @@ def test_killed_then_resumed_run_ends_with_uninterrupted_weights(tmp_path, data_
 
 def test_two_processes_train_like_one(tmp_path, data_run):
     one, two = copy_run(data_run, tmp_path/"one"), copy_run(data_run, tmp_path/"two")
-    D.run_train_diffusion(one, progress=False)
+    P.run_train_diffusion(one, progress=False)
     script = tmp_path/"mp.py"
     script.write_text("import sys\nfrom mri_protodiff.cli import main\nraise SystemExit(main(sys.argv[1:]))\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
@@ -207,11 +209,11 @@ def test_two_processes_train_like_one(tmp_path, data_run):
 def test_user_checkpoint_replaces_training(tmp_path, data_run, trained):
     run = copy_run(data_run, tmp_path/"run")
     trained.ema_unet.save_pretrained(tmp_path/"user", safe_serialization=True)
-    assert D.run_train_diffusion(run, checkpoint=tmp_path/"user") == "done"
+    assert P.run_train_diffusion(run, checkpoint=tmp_path/"user") == "done"
     u, _ = D.load_diffusion(run)
     assert all(torch.equal(a, b) for a, b in zip(u.parameters(), trained.ema_unet.parameters()))
     assert run.stage("train-diffusion")["summary"]["conditioning"] == "mask" and not (run/"diffusion"/"checkpoints").exists()
-    assert D.run_sample(run, n=2, steps=2, progress=False) == "done"
+    assert P.run_sample(run, n=2, steps=2, progress=False) == "done"
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
@@ -244,7 +246,7 @@ def test_checkpoint_that_does_not_fit_the_data(tmp_path, data_run, change, words
     run = copy_run(data_run, tmp_path/"run")
     from diffusers import UNet2DModel
     UNet2DModel(**{**D.unet_config(run.profile), **change}).save_pretrained(tmp_path/"user", safe_serialization=True)
-    with pytest.raises(ValueError, match=words): D.run_train_diffusion(run, checkpoint=tmp_path/"user")
+    with pytest.raises(ValueError, match=words): P.run_train_diffusion(run, checkpoint=tmp_path/"user")
     assert run.stage("train-diffusion")["status"] == "failed" and not (run/"diffusion"/"unet").exists()
     rc, out, err = cli_here("train-diffusion", "--out", run.root, "--checkpoint", tmp_path/"user")
     assert rc == 2 and words in err and str(tmp_path/"user") in err
@@ -293,10 +295,10 @@ def test_gpu_out_of_memory_suggests_a_smaller_batch(ss, monkeypatch):
 
 
 def test_cli_help():
-    for cmd, opts in [("train-diffusion", ["--checkpoint", "--out", "--profile", "--set", "--force"]),
-                      ("sample", ["--sampler", "--steps", "--n", "--out"]),
-                      ("diffusion-bench", ["--train-steps", "--images", "--ddim-steps", "--repeats"])]:
-        rc, out, err = cli_here(cmd, "--help")
+    for cmd, opts in [(("train-diffusion",), ["--checkpoint", "--out", "--profile", "--set", "--force"]),
+                      (("sample",), ["--sampler", "--steps", "--n", "--out"]),
+                      (("bench", "diffusion"), ["--train-steps", "--images", "--ddim-steps", "--repeats"])]:
+        rc, out, err = cli_here(*cmd, "--help")
         assert rc == 0 and all(o in out for o in opts), (cmd, out)
 
 

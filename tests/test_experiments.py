@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
 
 
 def _code_hash() -> str:
-    from mri_protodiff.cli import _code_hash as h
+    from mri_protodiff.reproduce import _code_hash as h
     return h()
 
 
@@ -96,7 +96,7 @@ def test_every_notebook_executed(run_a):
         assert snb.metadata.get("kernelspec", {}).get("name") == "python3", f"{src.name}: no python3 kernelspec"
         pcell = next(c for c in snb.cells if "parameters" in c.metadata.get("tags", []))
         assert all(re.search(rf"^{k}\s*=", pcell.source, re.M) for k in PARAMETERS), f"{src.name}: parameters cell lacks {PARAMETERS}"
-        assert "cli.open_experiment(run_dir, profile, overrides)" in "".join(c.source for c in snb.cells), src.name
+        assert "pipeline.open_experiment(run_dir, profile, overrides)" in "".join(c.source for c in snb.cells), src.name
         assert not any("fig.show()" in c.source for c in snb.cells if c.cell_type == "code"), f"{src.name}: use viz.show(fig)"
 
 

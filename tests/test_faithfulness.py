@@ -1,4 +1,4 @@
-"Faithfulness metrics: known answers on hand-made models, zero perturbation, sanity checks, statistics, Quantus, the `explain` stage."
+"Faithfulness metrics: known answers on hand-made models, zero perturbation, sanity checks, statistics, Quantus, the `explanations`, `image-quality` and `faithfulness` stages."
 import importlib.util, math
 from typing import NamedTuple
 
@@ -6,6 +6,7 @@ import numpy as np, pandas as pd, pytest, torch
 import torch.nn as nn, torch.nn.functional as F
 from scipy import stats
 
+from conftest import tiny_unet
 import mri_protodiff.faithfulness as fa
 from mri_protodiff.faithfulness import (
     prototype_regions, baseline_images, perturbed_outputs, rowwise_correlation, top_prototypes, prototype_ablation,
@@ -48,13 +49,6 @@ def block_image(blocks, size=32):
     x = -torch.ones(1, 1, size, size)
     for (i, j), v in blocks.items(): x[..., 8*i:8*i+8, 8*j:8*j+8] = v
     return x
-
-def tiny_unet():
-    from diffusers import UNet2DModel
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=32, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16, 16),
-                       down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=4).eval()
-
 
 # --- regions, baselines, ablation --------------------------------------------------------------------
 
@@ -144,7 +138,7 @@ def test_renoise_leaves_everything_outside_the_region_alone():
 def test_generative_zero_perturbation_gives_zero_change():
     from diffusers import DDPMScheduler
     from mri_protodiff.trajectory import record_trajectory, denoise_from
-    unet, sched = tiny_unet(), DDPMScheduler(num_train_timesteps=1000)
+    unet, sched = tiny_unet(in_channels=1, seed=0).eval(), DDPMScheduler(num_train_timesteps=1000)
     trs = record_trajectory(unet, sched, None, [0, 1], steps=10, timesteps=(500,))
     xt = torch.tensor(np.stack([t.x_t[0] for t in trs])); x0 = torch.tensor(np.stack([t.x0_hat[0] for t in trs]))
     fin = lambda x, t, c: denoise_from(unet, sched, x, t, c, steps=10)
@@ -277,11 +271,11 @@ def test_trained_ppnet_beats_its_randomised_version_on_the_phantom():
     from mri_protodiff.protonets import ExplainerConfig, build_explainer
     from mri_protodiff.core import get_profile
     prof = get_profile("quick")
-    assert "ppnet" in prof.proto_init_kmeans      # the default being checked
+    assert "ppnet" in prof.explainers.proto_init_kmeans      # the default being checked
     ss = phantom_sliceset(n_subjects=24, slices_per_subject=12, size=64, seed=0)
     tr, te = ss.subset(np.arange(216)), ss.subset(np.arange(216, 288))           # subjects 0-17 / 18-23
     assert not set(np.asarray(tr.subject)) & set(np.asarray(te.subject))
-    cfg = ExplainerConfig(method="ppnet", n_classes=4, image_size=64, protos_per_class=prof.protos_per_class, proto_dim=prof.proto_dim)
+    cfg = ExplainerConfig(method="ppnet", n_classes=4, image_size=64, protos_per_class=prof.explainers.protos_per_class, proto_dim=prof.explainers.proto_dim)
     x = torch.from_numpy(np.array(te.images, np.float32))
     diffs = {}
     for seed in range(9):
@@ -306,29 +300,37 @@ def test_trained_ppnet_beats_its_randomised_version_on_the_phantom():
 # --- the stage and its command line ------------------------------------------------------------------
 
 def test_explain_needs_the_earlier_stages(tmp_run):
+    "The three stages that replaced `explain` each name the missing stage `sample` on an empty run."
     from mri_protodiff.core import RunDir, get_profile
-    with pytest.raises(FileNotFoundError, match="samples.npz"): fa.run_explain(RunDir(tmp_run, get_profile("smoke")))
+    from mri_protodiff import pipeline as P
+    run = RunDir(tmp_run, get_profile("smoke"))
+    for name, fn in (("explanations", P.run_explanations), ("image-quality", P.run_image_quality), ("faithfulness", P.run_faithfulness)):
+        with pytest.raises(FileNotFoundError, match=f"stage '{name}' needs stage 'sample', which is not done"): fn(run)
 
 def test_cli_has_explain_and_bench_with_help(capsys):
     from mri_protodiff.cli import build_parser
     p = build_parser()
-    for cmd in ("explain", "faithfulness-bench"):
-        with pytest.raises(SystemExit) as e: p.parse_args([cmd, "--help"])
+    for cmd in (["explanations"], ["image-quality"], ["faithfulness"], ["bench", "faithfulness"]):
+        with pytest.raises(SystemExit) as e: p.parse_args(cmd + ["--help"])
         assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "faithfulness.csv" in out and "--prototypes" in out
+    assert "explanations.csv" in out and "image_quality.csv" in out and "faithfulness.csv" in out and "--prototypes" in out
 
-def test_explain_end_to_end_on_a_tiny_run(tmp_run):
-    "data -> train-diffusion (2 steps) -> sample -> train-explainers -> explain, through the command line."
+def test_explain_end_to_end_on_a_tiny_run(tmp_run, capsys):
+    "data -> train-diffusion (2 steps) -> sample -> train-explainers -> explanations -> image-quality -> faithfulness, through the command line."
     from mri_protodiff.cli import main
     sets = ["train_steps=2", "n_generated=4", "sample_steps=4", "sample_batch=4", "faith_images=2", "faith_steps=4",
             "faith_timesteps=500", "n_bootstrap=50", "warm_epochs=1", "joint_epochs=1", "last_epochs=1", "push_every=1",
             "methods=ppnet", "explainer_seeds=0", "paper_kmeans_k=4", "topk_prototypes=2"]
     args = ["--out", str(tmp_run), "--profile", "smoke"] + [a for kv in sets for a in ("--set", kv)]
     for cmd in ("data", "train-diffusion", "sample", "train-explainers"): assert main([cmd] + args) == 0, cmd
-    assert main(["explain", "--out", str(tmp_run)]) == 0
+    explain = ("explanations", "image-quality", "faithfulness")     # what the single `explain` stage did, in this order
+    for cmd in explain: assert main([cmd, "--out", str(tmp_run)]) == 0, cmd
+    out = capsys.readouterr().out
+    assert all(f"{cmd}: done; in " in out for cmd in explain), out
     tables = tmp_run/"tables"
-    for f in ("faithfulness.csv", "faithfulness.md", "faithfulness_comparisons.csv", "image_quality.csv"): assert (tables/f).is_file(), f
+    for f in ("faithfulness.csv", "faithfulness.md", "faithfulness_comparisons.csv", "faithfulness_records.csv", "explainers.csv",
+              "faithfulness_info.json", "image_quality.csv", "image_quality.md"): assert (tables/f).is_file(), f
     assert (tmp_run/"explanations"/"explanations.csv").is_file()
     t = pd.read_csv(tables/"faithfulness.csv")
     assert set(t.definition) == {"ours", "paper definition"}
@@ -337,6 +339,8 @@ def test_explain_end_to_end_on_a_tiny_run(tmp_run):
     ours = t[t.definition == "ours"]
     assert ((ours.n + ours.n_dropped) > 0).all() and {"ci95_low", "ci95_high", "n", "n_seeds", "p_vs_trained"} <= set(t.columns)
     assert ours[ours.metric.str.startswith("generative")].timestep.dropna().astype(int).tolist()[0] == 500
-    assert main(["explain", "--out", str(tmp_run)]) == 0                          # done with the same inputs: skipped
+    for cmd in explain: assert main([cmd, "--out", str(tmp_run)]) == 0, cmd     # done with the same inputs: skipped
+    out = capsys.readouterr().out
+    assert all(f"{cmd}: skipped; in " in out for cmd in explain), out
     from mri_protodiff.core import RunDir
-    assert RunDir(tmp_run).stage("explain")["status"] == "done"
+    assert all(RunDir(tmp_run).stage(cmd)["status"] == "done" for cmd in explain)

@@ -1,4 +1,4 @@
-"Tests of mri_protodiff.groundtruth: memorisation probe, counterfactual determinism, LDS, the stage and the CLI (smoke-sized)."
+"Tests of mri_protodiff.groundtruth: memorisation probe, counterfactual determinism, LDS, the experiment (`run_experiment`), the stage and the CLI (smoke-sized)."
 import contextlib, io, json
 from pathlib import Path
 
@@ -9,7 +9,9 @@ import torch
 
 from mri_protodiff import groundtruth as G
 from mri_protodiff.core import RunDir, get_profile, read_json
-from mri_protodiff.data import phantom_sliceset, run_data
+from mri_protodiff.data import phantom_sliceset
+from mri_protodiff import pipeline as P
+from mri_protodiff.pipeline import run_data
 
 torch.set_num_threads(1)
 
@@ -104,7 +106,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("gt")/"run"
     run = RunDir(root, get_profile("smoke", gt_topk=3, gt_subsets=3))
     run_data(run)
-    st = G.run_groundtruth(run, "minimal", device="cpu", progress=False, **TINY)
+    st = G.run_experiment(run, "minimal", device="cpu", progress=False, **TINY)
     return run, st
 
 
@@ -138,7 +140,7 @@ def test_models_are_deduplicated_and_everything_resumes(tiny_run):
     plan_models = pd.read_csv(run/"tables"/"groundtruth_changes.csv").model.nunique()
     model_stages = [k for k in st if k.startswith("model/")]
     assert len(model_stages) == len(set(model_stages)) and plan_models <= len(model_stages)
-    st2 = G.run_groundtruth(run, "minimal", device="cpu", progress=False, **TINY)
+    st2 = G.run_experiment(run, "minimal", device="cpu", progress=False, **TINY)
     assert set(st2.values()) == {"skipped"}
 
 
@@ -156,7 +158,7 @@ def test_counterfactual_stage_reproduces_bit_for_bit(tiny_run, tmp_path):
     assert not (folder/key/"checkpoints").exists()
     # 2. a fresh run directory with the same seed gives the same bytes
     run2 = RunDir(tmp_path/"run2", run.profile); run_data(run2)
-    G.run_groundtruth(run2, "minimal", methods=("pixel_nn",), device="cpu", progress=False, **TINY)
+    G.run_experiment(run2, "minimal", methods=("pixel_nn",), device="cpu", progress=False, **TINY)
     again = np.load(tmp_path/"run2"/"groundtruth"/"minimal"/"models"/"full"/"result.npz")
     ref = np.load(folder/"full"/"result.npz")
     np.testing.assert_array_equal(again["regen"], ref["regen"]); np.testing.assert_array_equal(again["output"], ref["output"])
@@ -178,7 +180,7 @@ def test_removing_the_planted_source_is_in_the_top_k_of_pixel_nn(tiny_run):
     np.testing.assert_allclose(G.gather_rows(rows["ppnet"], data.unique, data.n_unique), scores["ppnet"])
     np.testing.assert_array_equal(rows["pixel_nn"], scores["pixel_nn"][:, data.unique])
     # every LDS subset model trained on half of the rows
-    subs = G.lds_subsets(len(data.train), TINY.get("subsets", run.profile.gt_subsets), run.profile.seed)
+    subs = G.lds_subsets(len(data.train), TINY.get("subsets", run.profile.groundtruth.gt_subsets), run.profile.seed)
     for s in subs:
         res = np.load(folder/"models"/G.rows_key(s, len(data.train))/"result.npz")
         np.testing.assert_array_equal(res["rows"], s); assert len(s) == len(data.train) // 2
@@ -190,11 +192,13 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="gt_copies"): G.gt_config(get_profile("smoke", gt_copies=1))
     with pytest.raises(ValueError, match="unknown ground-truth setting"): G.gt_config(get_profile("smoke"), n_images=3)
     run = RunDir(tmp_path/"r", get_profile("smoke"))
-    with pytest.raises(FileNotFoundError, match="data"): G.run_groundtruth(run, progress=False)
-    run_data(run)
-    with pytest.raises(ValueError, match="unknown ground-truth method"): G.run_groundtruth(run, methods=("gradcam",), progress=False)
+    with pytest.raises(FileNotFoundError, match="data"): G.run_experiment(run, progress=False)
+    # the stage (chapter pipeline) builds the missing data itself, then stops at the unknown method
+    with pytest.raises(ValueError, match="unknown ground-truth method"): P.run_groundtruth(run, methods=("gradcam",), progress=False)
+    assert run.is_done("data")
+    with pytest.raises(ValueError, match="unknown ground-truth method"): G.run_experiment(run, methods=("gradcam",), progress=False)
     with pytest.raises(ValueError, match="gt_topk"):
-        G.run_groundtruth(RunDir(tmp_path/"r", get_profile("smoke")), progress=False, **dict(TINY, topk=24))
+        G.run_experiment(RunDir(tmp_path/"r", get_profile("smoke")), progress=False, **dict(TINY, topk=24))
     with pytest.raises(ValueError, match="top-k removal"):
         G.removal_sets({"a": np.zeros((2, 5))}, np.array([0]), 5, np.zeros((2, 5)), 0)
 
@@ -222,7 +226,7 @@ def test_memorisation_uses_its_own_longer_trained_probe_model(tiny_run):
     folder = run/"groundtruth"/"minimal"
     assert {"probe", "probe-samples", "probe-scores"} <= set(st) and all(st[k] == "done" for k in ("probe", "probe-samples", "probe-scores"))
     ref, probe = (read_json(folder/n/"training.json") for n in ("reference", "probe"))
-    assert len(probe["losses"]) == run.profile.gt_probe_steps and len(ref["losses"]) == TINY["train_steps"]
+    assert len(probe["losses"]) == run.profile.groundtruth.gt_probe_steps and len(ref["losses"]) == TINY["train_steps"]
     pz = np.load(folder/"probe.npz")
     scores, _ = G.load_scores(folder, "probe")
     np.testing.assert_allclose(scores["pixel_nn"], -G.pixel_distances(pz["images"], G.load_gt_data(folder/"data.npz").train.images[:TINY["max_unique"]]))

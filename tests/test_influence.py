@@ -8,6 +8,8 @@ import torch.nn as nn
 
 from mri_protodiff import influence as I
 
+from conftest import tiny_unet
+
 torch.set_num_threads(1)
 
 
@@ -59,11 +61,8 @@ def test_paper_faithfulness_table():
 
 def test_paper_features_uses_unet_hook():
     pytest.importorskip("mri_protodiff.trajectory")
-    from diffusers import UNet2DModel
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=2, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4).eval()
+    unet = tiny_unet(in_channels=2, size=16, channels=(8, 16)).eval()
     x = np.random.default_rng(0).uniform(-1, 1, (3, 1, 16, 16)).astype(np.float32)
     f = I.paper_features(unet, x, batch_size=2)
     assert f.shape == (3, 8)
@@ -197,10 +196,7 @@ def test_explanations_roundtrip(tmp_path, toy):
 def tiny_run(tmp_path_factory):
     pytest.importorskip("mri_protodiff.prototrain"); pytest.importorskip("mri_protodiff.trajectory")
     from mri_protodiff.core import RunDir, get_profile
-    from mri_protodiff.data import run_data
-    from mri_protodiff.diffusion import run_train_diffusion, run_sample
-    from mri_protodiff.trajectory import run_trajectory
-    from mri_protodiff.prototrain import run_train_explainers
+    from mri_protodiff.pipeline import run_data, run_train_diffusion, run_sample, run_trajectory, run_train_explainers
     run = RunDir(tmp_path_factory.mktemp("inf") / "run",
                  get_profile("smoke", train_steps=2, n_generated=4, trajectory_steps=10, trajectory_timesteps=(900, 500, 0),
                              paper_kmeans_k=8, n_bootstrap=50))

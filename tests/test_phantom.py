@@ -99,6 +99,6 @@ def test_bad_arguments():
 def test_benchmark_runs_and_reports():
     r = bench_phantom(sizes=(32,), n_slices=8)
     assert r[32]["slices_per_s"] > 0
-    out = subprocess.run([sys.executable, "-m", "mri_protodiff.phantom", "--sizes", "32", "--slices", "8"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", "from mri_protodiff.cli import main; raise SystemExit(main())",
+                          "bench", "phantom", "--sizes", "32", "--slices", "8"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "slices/s" in out.stdout, out.stderr

@@ -8,13 +8,9 @@ from mri_protodiff.protonets import (CompactCNN, adapt_first_conv, torchvision_b
                                      orthogonality_loss, ppnet_loss_terms, protopool_loss_terms, ExplainerConfig,
                                      build_explainer, activation_maps, _trunk)
 
-torch.set_num_threads(1)
+from conftest import tiny_unet
 
-def tiny_unet(in_channels=2, size=32):
-    from diffusers import UNet2DModel
-    return UNet2DModel(sample_size=size, in_channels=in_channels, out_channels=1, layers_per_block=1,
-                       block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4)
+torch.set_num_threads(1)
 
 # ---------------------------------------------------------------- distances and activation
 def test_l2_distances_match_brute_force_and_are_nonnegative():
@@ -158,7 +154,7 @@ def test_densenet_trunk_takes_one_channel():
     assert bb.out_channels == 1024 and bb(torch.randn(1, 1, 64, 64)).shape == (1, 1024, 2, 2)
 
 def test_unet_encoder_is_the_frozen_down_path_at_t0():
-    torch.manual_seed(0); un = tiny_unet()
+    torch.manual_seed(0); un = tiny_unet(attn_blocks=(1,))
     feats = {}
     h = un.down_blocks[-1].register_forward_hook(lambda m, i, o: feats.update(h=o[0]))
     x = torch.randn(2, 1, 32, 32)
@@ -170,7 +166,7 @@ def test_unet_encoder_is_the_frozen_down_path_at_t0():
     assert not any(p.requires_grad for p in enc.parameters())
     enc.train(); assert not enc.training
     assert un.up_blocks is not None and len(un.up_blocks) == 3               # the caller's UNet is left whole
-    enc1 = UNetEncoder(tiny_unet(in_channels=1))                              # unconditional UNet: no mask channel
+    enc1 = UNetEncoder(tiny_unet(in_channels=1, attn_blocks=(1,)))             # unconditional UNet: no mask channel
     assert enc1(x).shape == (2, 16, 8, 8)
 
 def test_receptive_field_of_known_convolutions():
@@ -199,7 +195,7 @@ def test_build_explainer_is_deterministic_and_validates():
 def test_unet_backbone_explainer_and_activation_maps():
     torch.manual_seed(0)
     cfg = ExplainerConfig(method="protopool", backbone="unet", n_classes=2, image_size=32, pool_size=4, pool_slots=2, proto_dim=8)
-    m = build_explainer(cfg, unet=tiny_unet())
+    m = build_explainer(cfg, unet=tiny_unet(attn_blocks=(1,)))
     assert cfg.unet_config is not None and cfg.unet_config["in_channels"] == 2
     out = m(torch.randn(2, 1, 32, 32))
     assert out.distances.shape == (2, 4, 8, 8) and out.logits.shape == (2, 2)

@@ -5,8 +5,11 @@ import numpy as np, pytest, torch
 from mri_protodiff.core import get_profile, RunDir, open_run, read_json
 from mri_protodiff.protonets import ExplainerConfig, build_explainer, l2_distances, ProtoPool, METHODS
 from mri_protodiff.prototrain import (push_prototypes, plan_from_profile, fit_explainer, predict, accuracy_report,
-                                      duplicate_check, save_explainer, load_explainer, run_train_explainers,
+                                      duplicate_check, save_explainer, load_explainer,
                                       explainer_labels, push_benchmark, gumbel_scale, TrainPlan, augment_batch)
+from mri_protodiff.pipeline import run_train_explainers
+
+from conftest import tiny_unet
 
 torch.set_num_threads(1)
 
@@ -28,8 +31,8 @@ def small_plan(method, **kw):
     return prof, plan_from_profile(prof, method)
 
 def cfg_for(prof, method, n_classes=4, size=32):
-    return ExplainerConfig(method=method, n_classes=n_classes, image_size=size, protos_per_class=prof.protos_per_class,
-                           proto_dim=prof.proto_dim, pool_size=prof.pool_size, pool_slots=prof.pool_slots)
+    return ExplainerConfig(method=method, n_classes=n_classes, image_size=size, protos_per_class=prof.explainers.protos_per_class,
+                           proto_dim=prof.explainers.proto_dim, pool_size=prof.explainers.pool_size, pool_slots=prof.explainers.pool_slots)
 
 @pytest.fixture(scope="module")
 def trained():
@@ -122,10 +125,10 @@ def test_stage_plan_is_data():
     assert "init" not in [s.kind for s in plan_from_profile(prof, "eppnet").stages]      # EPPNet keeps the reference's random start
     assert TrainPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     pp = plan_from_profile(prof, "protopool")
-    assert [s.kind for s in pp.stages] == ["pretrain", "init", "warm", "joint", "harden", "push", "last"] and pp.coefs["orthogonality"] == prof.orth_coef
+    assert [s.kind for s in pp.stages] == ["pretrain", "init", "warm", "joint", "harden", "push", "last"] and pp.coefs["orthogonality"] == prof.explainers.orth_coef
     assert [s.kind for s in plan_from_profile(prof, "protopool", backbone="unet").stages][:2] == ["init", "warm"]   # a frozen UNet is not pre-trained; ProtoPool's prototypes start on k-means centroids
     ep = plan_from_profile(get_profile("quick", mean_clst_coef=0.3), "eppnet")
-    assert ep.coefs["mean_cluster"] == 0.3 and ep.coefs["separation"] == -prof.sep_coef
+    assert ep.coefs["mean_cluster"] == 0.3 and ep.coefs["separation"] == -prof.explainers.sep_coef
     assert all("backbone" not in s.lr for s in plan_from_profile(prof, "ppnet", backbone="unet").stages)
     assert gumbel_scale(0, 1000, 10, "sqrt") == 0 and gumbel_scale(0, 1000, 10, "geometric", 1.3) == 1.3 and gumbel_scale(2.5, 1000, 10) == 500 and gumbel_scale(20, 1000, 10) == 1000
     with pytest.raises(ValueError, match="unknown explainer method"): plan_from_profile(prof, "protonet")
@@ -188,7 +191,7 @@ def cli(*args):
 def test_train_explainers_help():
     r = subprocess.run(["mri-protodiff", "train-explainers", "--help"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "--methods" in r.stdout and "--backbone" in r.stdout and "--seeds" in r.stdout
-    code, out, _ = cli("push-bench", "--help")
+    code, out, _ = cli("bench", "push", "--help")
     assert code == 0 and "--n-images" in out
 
 def test_train_explainers_stage_end_to_end(tmp_path):
@@ -197,7 +200,8 @@ def test_train_explainers_stage_end_to_end(tmp_path):
     assert code == 0, err
     code, stdout, err = cli("train-explainers", "--out", str(out), "--methods", "ppnet,eppnet,protopool", "--device", "cpu")
     assert code == 0, err
-    assert stdout.count("(n=") == 3                                         # one summary line per model
+    assert stdout.count("(n=") == 3 and stdout.count("seed 0: test acc") == 3   # one summary line per model
+    assert "train-explainers: 3 done, 0 skipped; in " in stdout
     from mri_protodiff.data import load_sliceset
     train = load_sliceset(out, "train")
     for m in METHODS:
@@ -233,13 +237,11 @@ def test_push_benchmark_small():
 
 def test_unet_backbone_and_kmeans_labels_through_the_stage(tmp_path):
     "The frozen encoder of the run's diffusion UNet as backbone, on k-means pseudo-classes of the UNet's features."
-    from diffusers import UNet2DModel
     out = tmp_path/"run"
     code, _, err = cli("data", "--out", str(out), "--profile", "smoke", "--set", "label_source=kmeans", "--set", "n_classes=3")
     assert code == 0, err
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=2, out_channels=1, layers_per_block=1, block_out_channels=(8, 16, 16),
-                       down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=4)
+    unet = tiny_unet(in_channels=2)
     unet.save_pretrained(out/"diffusion"/"unet", safe_serialization=True)
     run = open_run(out)
     st = run_train_explainers(run, ["ppnet"], backbone="unet", device="cpu", progress=False)
@@ -265,7 +267,7 @@ def test_quick_profile_explainers_are_accurate_on_the_phantom(tmp_path):
     moves it by up to 0.04, hence the 0.88 floor here -- 06_prototrain reports all three seeds at >= 0.906).  No
     duplicated, dead or collapsed prototype.
     """
-    from mri_protodiff.data import run_data
+    from mri_protodiff.pipeline import run_data
     run = RunDir(tmp_path/"q", get_profile("quick"))
     run_data(run)
     threads = torch.get_num_threads(); torch.set_num_threads(1)

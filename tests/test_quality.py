@@ -7,6 +7,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from mri_protodiff import quality as Q
+from mri_protodiff import stats as S
 
 torch.set_num_threads(1)
 
@@ -31,18 +32,18 @@ def no_weights(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- statistics
 def test_summarize_and_ci():
     x = np.random.default_rng(1).normal(3.0, 1.0, 50)
-    s = Q.summarize(x, n_resamples=500, seed=0)
+    s = S.summarize(x, n_resamples=500, seed=0)
     assert s["n"] == 50 and s["mean"] == pytest.approx(x.mean()) and s["sd"] == pytest.approx(x.std(ddof=1))
     assert s["ci95_low"] < s["mean"] < s["ci95_high"]
-    assert Q.bootstrap_ci(x, n_resamples=500, seed=3) == Q.bootstrap_ci(x, n_resamples=500, seed=3)
-    assert Q.summarize([np.nan, 1.0, np.inf, 3.0])["n"] == 2
-    assert all(np.isnan(v) for v in Q.bootstrap_ci([1.0]))
-    assert Q.format_mean_sd(19.3712, 1.6654) == "19.37 ± 1.67"
-    assert Q.format_mean_sd(0.28934, 0.10501) == "0.2893 ± 0.1050"
+    assert S.bootstrap_ci(x, n_resamples=500, seed=3) == S.bootstrap_ci(x, n_resamples=500, seed=3)
+    assert S.summarize([np.nan, 1.0, np.inf, 3.0])["n"] == 2
+    assert all(np.isnan(v) for v in S.bootstrap_ci([1.0]))
+    assert S.format_mean_sd(19.3712, 1.6654) == "19.37 ± 1.67"
+    assert S.format_mean_sd(0.28934, 0.10501) == "0.2893 ± 0.1050"
 
 
 def test_markdown_table():
-    md = Q.markdown_table(pd.DataFrame({"a": ["x", "y"], "b": [1.23456, np.nan]}))
+    md = S.markdown_table(pd.DataFrame({"a": ["x", "y"], "b": [1.23456, np.nan]}))
     lines = md.strip().splitlines()
     assert lines[0] == "| a | b |" and lines[2] == "| x | 1.235 |" and lines[3] == "| y |  |"
 
@@ -159,7 +160,8 @@ def test_domain_encoder_deterministic_and_cached(tmp_path):
 # ---------------------------------------------------------------- the table
 def test_image_quality_table_on_a_run(tmp_path, no_weights):
     from mri_protodiff.core import RunDir, get_profile
-    from mri_protodiff.data import run_data, load_sliceset
+    from mri_protodiff.data import load_sliceset
+    from mri_protodiff.pipeline import run_data
     run = RunDir(tmp_path / "run", get_profile("smoke", n_bootstrap=100))
     run_data(run)
     test = load_sliceset(run, "test")

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 import yaml
 
-from mri_protodiff import cli
+from mri_protodiff import cli, reproduce as R
 from mri_protodiff.core import RunDir
 
 CHROMIUM = "/usr/bin/chromium"
@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("site")
     exp = tmp/"experiments"; exp.mkdir()
     make_nb(exp/"01_figures.ipynb", PARAMS,
-            "import plotly.graph_objects as go\nfrom mri_protodiff import viz\nfrom mri_protodiff.cli import open_experiment\n"
+            "import plotly.graph_objects as go\nfrom mri_protodiff import viz\nfrom mri_protodiff.pipeline import open_experiment\n"
             "run = open_experiment(run_dir, profile, overrides)\n"
             "fig = viz.bar_with_ci(__import__('pandas').DataFrame(dict(method=['ppnet','eppnet'], faithfulness=[.1,.2], ci_low=[0,.1], ci_high=[.2,.3])))\n"
             "viz.save_figure(fig, run, 'faithfulness_bar')\nviz.show(fig)",
@@ -50,7 +50,7 @@ def tiny_run(tmp_path_factory):
                   nbformat.v4.new_code_cell("f(41)")]
     nbformat.write(chap, lib/"00_demo.ipynb")
     out = tmp/"run"
-    cli.reproduce(out, "smoke", notebooks=exp, site=False, file=open(os.devnull, "w"))
+    R.reproduce(out, "smoke", notebooks=exp, site=False, file=open(os.devnull, "w"))
     return RunDir(out), lib
 
 
@@ -172,12 +172,12 @@ def test_notebook_outputs_carry_plotlyjs_once(tiny_run):
     nb = nbformat.read(run/"notebooks"/"01_figures.ipynb", as_version=4)
     htmls = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
              if "text/html" in o.get("data", {})]
-    assert len(htmls) == 2 and cli._PLOTLYJS_MARK in htmls[0] and cli._PLOTLYJS_MARK not in htmls[1]
+    assert len(htmls) == 2 and R._PLOTLYJS_MARK in htmls[0] and R._PLOTLYJS_MARK not in htmls[1]
     nb2 = nbformat.read(run/"notebooks"/"02_tables.ipynb", as_version=4)
     datas = [o["data"] for c in nb2.cells for o in c.get("outputs", []) if "data" in o]
-    assert any(cli._PLOTLY_MIME in d and "text/html" not in d for d in datas)
+    assert any(R._PLOTLY_MIME in d and "text/html" not in d for d in datas)
     page = (run/"site"/"experiments"/"02_tables.html")
-    if page.exists(): assert page.read_text().count(cli._PLOTLYJS_MARK) == 1
+    if page.exists(): assert page.read_text().count(R._PLOTLYJS_MARK) == 1
 
 
 def test_quarto_builder_with_stand_in(tiny_run, tmp_path, monkeypatch):
@@ -197,7 +197,7 @@ for f in cfg["project"]["render"]:
 """)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    res = cli.build_site(run, library=lib)
+    res = R.build_site(run, library=lib)
     assert res.builder == "quarto 1.7.0" and res.index == run/"site"/"index.html" and res.index.exists()
     assert log.read_text().splitlines() == ["--version", f"render {run/'site_src'}"]
     cfg = yaml.safe_load((run/"site_src"/"_quarto.yml").read_text())
@@ -212,13 +212,13 @@ for f in cfg["project"]["render"]:
     assert not any("#| export" in c.source or "#| default_exp" in c.source or "secret_thing" in c.source for c in staged.cells)
     assert (run/"site"/"figures"/"faithfulness_bar.html").exists()
     with pytest.raises(RuntimeError, match="not on the PATH"):
-        monkeypatch.setenv("PATH", "/nonexistent"); cli.build_site(run, library=lib, builder="quarto")
+        monkeypatch.setenv("PATH", "/nonexistent"); R.build_site(run, library=lib, builder="quarto")
 
 
 def test_library_executed_or_as_is(tiny_run):
     "Chapters are shown as they are (no outputs) by default, or executed first with --execute-library."
     run, lib = tiny_run
-    cli.build_site(run, library=lib, builder="nbconvert")
+    R.build_site(run, library=lib, builder="nbconvert")
     assert "<pre>42</pre>" not in (run/"site"/"library"/"00_demo.html").read_text()
     rc = cli.main(["site", "--out", str(run.root), "--library", str(lib), "--builder", "nbconvert", "--execute-library"])
     page = (run/"site"/"library"/"00_demo.html").read_text()
@@ -226,9 +226,9 @@ def test_library_executed_or_as_is(tiny_run):
 
 
 def test_repo_quarto_yml_is_current():
-    "The repository's _quarto.yml is valid YAML and equals cli.quarto_config() (regenerate with cli.write_quarto_yml)."
-    root = cli.repo_dir()
+    "The repository's _quarto.yml is valid YAML and equals reproduce.quarto_config() (regenerate with reproduce.write_quarto_yml)."
+    root = R.repo_dir()
     assert root is not None, "not an editable install"
     text = (root/"_quarto.yml").read_text()
-    assert yaml.safe_load(text) == cli.quarto_config()
-    assert text.startswith(cli.QUARTO_HEADER)
+    assert yaml.safe_load(text) == R.quarto_config()
+    assert text.startswith(R.QUARTO_HEADER)

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from mri_protodiff.core import PAPER_TIMESTEPS, RunDir, get_profile
-from mri_protodiff.data import phantom_sliceset, run_data
+from mri_protodiff.data import phantom_sliceset
+from mri_protodiff import pipeline as P
+from mri_protodiff.pipeline import run_data
 from mri_protodiff import diffusion as D
 from mri_protodiff import trajectory as T
 
@@ -111,9 +113,9 @@ def test_run_trajectory_stage(tmp_path):
                                              train_steps=2, n_generated=3, sample_steps=10, trajectory_steps=10,
                                              trajectory_timesteps=(900, 500, 0)))
     run_data(run)
-    with pytest.raises(FileNotFoundError, match="train-diffusion"): T.run_trajectory(run)
-    D.run_train_diffusion(run, progress=False); D.run_sample(run, progress=False)
-    assert T.run_trajectory(run) == "done" and T.run_trajectory(run) == "skipped"
+    with pytest.raises(FileNotFoundError, match="needs stage 'train-diffusion', which is not done"): P.run_trajectory(run)
+    P.run_train_diffusion(run, progress=False); P.run_sample(run, progress=False)
+    assert P.run_trajectory(run) == "done" and P.run_trajectory(run) == "skipped"
     trs = T.load_trajectories(run)
     assert len(trs) == 3 and trs[0].timesteps.tolist() == [900, 500, 0] and trs[2].x_t.shape == (3, 1, 32, 32)
     z = np.load(run/"samples"/"samples.npz")
@@ -121,6 +123,5 @@ def test_run_trajectory_stage(tmp_path):
     np.testing.assert_allclose(np.stack([t.final for t in trs]), z["images"][:3], atol=1e-5)   # same seeds, masks and DDIM steps as `sample`
     assert (run/"trajectory"/"noise_maps.png").exists()
     from mri_protodiff.cli import build_parser
-    import argparse
-    sub = argparse.ArgumentParser().add_subparsers(); T.add_cli(sub)
-    assert "trajectory" in sub.choices and "--n" in sub.choices["trajectory"].format_help()
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert "trajectory" in sub and "--n" in sub["trajectory"].format_help()
