@@ -218,7 +218,7 @@ class Profile:
         return cls(**vals, **{s: SECTIONS[s](**kw) for s, kw in sec.items()})
 
 def _split_key(key:str) -> tuple:
-    "'diffusion.train_steps' or 'train_steps' -> ('diffusion', 'train_steps'); 'seed' -> (None, 'seed'); an unknown name is an error."
+    "'diffusion.train_steps' or 'train_steps' -> ('diffusion', 'train_steps'); 'seed' -> (None, 'seed'); an unknown name is a ValueError that names it."
     top = [f.name for f in fields(Profile) if f.name not in SECTIONS]
     where = _section_of()
     s, dot, k = key.rpartition(".")
@@ -226,7 +226,7 @@ def _split_key(key:str) -> tuple:
         if key in top: return None, key
         if key in where: return where[key], key
     elif s in SECTIONS and k in where and where[k] == s: return s, k
-    raise KeyError(f"unknown profile field {key!r}; known fields: {top + [f'{v}.{n}' for n, v in where.items()]}")
+    raise ValueError(f"unknown profile field {key!r}; known fields: {top + [f'{v}.{n}' for n, v in where.items()]}")
 
 # %% ../nbs/00_core.ipynb #76b344bc
 _EMPTY_TUPLE_ITEMS = dict(attention_levels=int)  # item type of tuple fields whose default is empty

@@ -54,7 +54,7 @@ COPY_NREF = 10                 # copy criterion: distance ratio against the mean
 
 COPY_MAX_RATIO = 0.5           # ... and never above this ratio, however the held-out calibration comes out
 
-# %% ../nbs/13_groundtruth.ipynb #31550b11
+# %% ../nbs/13_groundtruth.ipynb #7e5374ab
 @dataclass
 class GTConfig:
     "Every size of one ground-truth experiment (made from the run's profile by `gt_config`)."
