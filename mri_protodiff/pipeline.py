@@ -323,6 +323,15 @@ def _explainer_files(run:RunDir, name:str, methods:tuple, seeds:tuple) -> dict:
                                         f"`mri-protodiff train-explainers --out {run.root}` first")
     return {f"{m}/seed{s}": hash_file(run/"protonets"/m/f"seed{s}"/"model.safetensors") for m in methods for s in seeds}
 
+def _explainer_stage(run:RunDir, name:str, methods, seeds) -> tuple:
+    "What the stages `explanations` and `faithfulness` share: (profile, methods, seeds, the inputs both hash)."
+    prof = run.profile
+    methods, seeds = _methods_seeds(prof, methods, seeds)
+    explainers = _explainer_files(run, name, methods, seeds)   # first: it names a missing stage or explainer
+    inputs = dict(version=faith.FAITH_VERSION, data=run.stage("data").get("input_hash"), samples=hash_file(run/"samples"/"samples.npz"),
+                  explainers=explainers)
+    return prof, methods, seeds, inputs
+
 def _say(progress:bool, name:str):
     return (lambda *a: print(f"{name}:", *a, flush=True)) if progress else (lambda *a: None)
 
@@ -335,12 +344,9 @@ def run_explanations(
     progress:bool=True, # one line when done
 ) -> str:
     "Stage `explanations`: NIS / cNIS of every generated image (and trajectory x0 estimate) for every explainer; 'done' or 'skipped'."
-    prof = run.profile
-    methods, seeds = _methods_seeds(prof, methods, seeds)
-    explainers = _explainer_files(run, "explanations", methods, seeds)
+    prof, methods, seeds, inputs = _explainer_stage(run, "explanations", methods, seeds)
     traj_file = run/"trajectory"/"trajectories.npz"
-    inputs = dict(version=faith.FAITH_VERSION, data=run.stage("data").get("input_hash"), samples=hash_file(run/"samples"/"samples.npz"),
-                  trajectory=hash_file(traj_file) if traj_file.exists() else None, explainers=explainers)
+    inputs["trajectory"] = hash_file(traj_file) if traj_file.exists() else None
     def work():
         t0 = time.time()
         ex, cl, _ = explain_samples(run, methods, seeds)
@@ -430,12 +436,9 @@ def run_faithfulness(
     progress:bool=True, # one line per explainer
 ) -> str:
     "Stage `faithfulness`: every metric of chapter `faithfulness` for every explainer, and the paper's definition; 'done' or 'skipped'."
-    prof = run.profile
-    methods, seeds = _methods_seeds(prof, methods, seeds)
-    explainers = _explainer_files(run, "faithfulness", methods, seeds)
+    prof, methods, seeds, inputs = _explainer_stage(run, "faithfulness", methods, seeds)
     unet_dir = run/"diffusion"/"unet"
-    inputs = dict(version=faith.FAITH_VERSION, data=run.stage("data").get("input_hash"), samples=hash_file(run/"samples"/"samples.npz"),
-                  diffusion=hash_file(unet_dir) if unet_dir.exists() else hash_file(run/"diffusion"), explainers=explainers,
+    inputs.update(diffusion=hash_file(unet_dir) if unet_dir.exists() else hash_file(run/"diffusion"),
                   profile={k: prof.get(k) for k in (
                       "seed", "topk_prototypes", "faith_images", "faith_timesteps", "faith_steps", "n_bootstrap", "paper_kmeans_k",
                       "label_source", "sample_batch")},
