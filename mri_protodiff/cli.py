@@ -93,10 +93,10 @@ BENCHES = {
               opt("--reference-batches", type=csv_ints, default=(1, 64), help="batch sizes of the reference scan (default '1,64': one "
                   "image at a time, and --batch-size)"),
               opt("--repeats", type=int, default=1, help="report the best of this many timings (default 1)"))),
-    "faithfulness": ("the generative metric, and batched vs per-image prototype ablation (chapter faithfulness)",
+    "faithfulness": ("the denoiser-sensitivity metric, and batched vs per-image prototype ablation (chapter faithfulness)",
                      (opt("--images", type=int, default=100, help="generated images (default 100)"),
                       opt("--prototypes", type=int, default=10, help="prototypes perturbed per image (default 10)"),
-                      opt("--timesteps", type=csv_ints, default=(555,), help="comma-separated timesteps of the generative metric (default 555)"),
+                      opt("--timesteps", type=csv_ints, default=(555,), help="comma-separated timesteps of the denoiser-sensitivity metric (default 555)"),
                       opt("--steps", type=int, default=None, help="DDIM steps (default: the profile's faith_steps)"),
                       opt("--profile", default="quick", choices=PROFILE_NAMES, help="model and image sizes (default quick)"),
                       opt("--batch-size", type=int, default=64, help="images per forward pass (default 64)"))),

@@ -89,7 +89,7 @@ class DiffusionSection:
     mixed_precision:str = "auto"       # "auto" (bf16 on GPU, none on CPU), "no", "bf16", "fp16"
     min_snr_gamma:float = 5.0          # min-SNR loss weighting gamma (Hang et al. 2023); 0 trains with the plain DDPM loss
     sample_steps:int = 50              # DDIM steps for generated images
-    n_generated:int = 24               # generated images analysed
+    n_generated:int = 32               # generated images analysed (>= faith_images)
     sample_batch:int = 32
     trajectory_steps:int = 200         # DDIM steps of the recorded trajectory (the paper: 200)
     trajectory_timesteps:tuple = PAPER_TIMESTEPS
@@ -119,11 +119,15 @@ class ExplainerSection:
     sep_coef:float = 0.08
     l1_coef:float = 1e-4
     mean_clst_coef:float = 0.8         # EPPNet mean-cluster coefficient
-    orth_coef:float = 0.1              # ProtoPool orthogonality
+    orth_coef:float = 1.0              # ProtoPool orthogonality: the reference's weight -- gmum/ProtoPool main.py adds `orthogonal_loss` unweighted
+                                       # (line 349, `... + 1e-4 * l1 + orthogonal_loss`, on with `--pp_ortho` as in its README) and normalises it
+                                       # as `orthogonality_loss` in 06_protonets does (sum of slot cosines / (K C) - 1), so 1.0 means the same here
     gumbel_tau:float = 0.5
     gumbel_schedule:str = "sqrt"       # ProtoPool: "sqrt" (the reference code) or "geometric" (1.3 -> 1000); see 07_prototrain
-    proto_init_kmeans:tuple = ("ppnet", "protopool")  # methods whose prototypes start on k-means centroids of their class's latent patches; the others start random (the reference codes)
-    explainer_seeds:tuple = (0, 1, 2)
+    proto_init_kmeans:tuple = ("ppnet", "eppnet", "protopool")  # methods whose prototypes start on k-means centroids of their class's latent patches (the others start
+                                       # random, as the reference codes do); all three, so PPNet and EPPNet start the same way and differ only in the
+                                       # loss: the comparison is then the loss, not the start
+    explainer_seeds:tuple = (0, 1, 2, 3, 4)  # >= stats.MIN_SEEDS, so that SDs over seeds and hierarchical CIs mean something
     methods:tuple = ("ppnet", "eppnet", "protopool")
 
 # %% ../nbs/00_core.ipynb #0174d7fa
@@ -132,9 +136,9 @@ class FaithfulnessSection:
     "Explanations and their faithfulness: the paper's k-means references, top-k, the generative metric's sizes and the ablation's choices."
     paper_kmeans_k:int = 100           # the paper's scripts: k-means references of "EPPNet" and "ProtoPool"
     topk_prototypes:int = 5
-    faith_images:int = 10              # generated images for faithfulness through the denoising
-    faith_timesteps:tuple = (775, 555, 335, 115)
-    faith_steps:int = 25               # DDIM steps when re-denoising after a perturbation
+    faith_images:int = 30              # generated images for the denoiser-sensitivity metric (>= stats.MIN_UNITS; the issue asked >= 30)
+    faith_timesteps:tuple = (775, 335) # two timesteps and a 10-step grid pay for 3x the images of (775, 555, 335, 115) at 25 steps
+    faith_steps:int = 10               # DDIM steps when re-denoising after a perturbation
     ablation_baseline:str = "blur"     # what a removed region becomes (metric 1, deletion / insertion): "blur", "mean" or "noise"
     region_fraction:float = 0.10       # q: every prototype's region covers this fraction of the image
     curve_steps:int = 20               # deletion / insertion steps
@@ -271,7 +275,7 @@ _PROFILES = {   # field = value changes against the defaults above (field names 
                   checkpoint_every=2000, sample_steps=200, n_generated=100, sample_batch=16,
                   backbone="unet", protos_per_class=10, proto_dim=128, pool_size=20, pool_slots=5,
                   warm_epochs=5, joint_epochs=20, last_epochs=5, push_every=10, proto_batch=32, proto_lr=1e-3,
-                  faith_images=100, faith_steps=200, gt_topk=100, gt_subsets=20, gt_train_steps=20000, gt_probe_steps=60000,
+                  faith_images=100, faith_timesteps=(775, 555, 335, 115), faith_steps=200, gt_topk=100, gt_subsets=20, gt_train_steps=20000, gt_probe_steps=60000,
                   prediction_type="epsilon"),
 }
 

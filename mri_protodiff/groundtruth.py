@@ -131,7 +131,7 @@ def gt_config(
         if v is not None: base[k] = v
     if version == "minimal":
         base["image_size"] = min(gt.gt_minimal["image_size"], profile.data.image_size)
-        base["n_generated"] = 2 * profile.diffusion.n_generated                       # 48 for quick, 12 for smoke
+        base["n_generated"] = 2 * profile.diffusion.n_generated                       # 64 for quick, 12 for smoke
         if profile.diffusion.n_generated < 16: base["n_counterfactual"] = 1            # smoke
     names = {f.name for f in fields(GTConfig)}
     bad = sorted(set(overrides) - names)

@@ -23,12 +23,13 @@ from .data import load_sliceset
 from .diffusion import load_diffusion
 
 # %% auto #0
-__all__ = ['PAPER_FAITHFULNESS', 'PAPER_RULES', 'PAPER_KMEANS_K', 'PAPER_KMEANS_SEED', 'FINAL_TIMESTEP', 'KEYS',
-           'paper_references', 'paper_nis', 'paper_faithfulness', 'paper_features', 'paper_faithfulness_table',
+__all__ = ['PAPER_FAITHFULNESS', 'PAPER_RULES', 'PAPER_KMEANS_K', 'PAPER_KMEANS_SEED', 'FINAL_TIMESTEP', 'FULL_NIS_TEMPERATURE',
+           'KEYS', 'paper_references', 'paper_nis', 'paper_faithfulness', 'paper_features', 'paper_faithfulness_table',
            'prototype_sources', 'nis_from_evidence', 'Influence', 'prototype_evidence', 'explainer_nis', 'class_nis',
-           'source_train_classes', 'trajectory_nis', 'explanation_frame', 'class_frame', 'write_explanations',
-           'read_explanations', 'nis_summary', 'explainer_dirs', 'load_samples', 'explain_samples',
-           'load_trajectory_arrays', 'trajectory_ids', 'explain_trajectories', 'paper_scores']
+           'source_train_classes', 'evidence_shares', 'full_nis', 'train_similarities', 'explainer_full_nis',
+           'trajectory_nis', 'explanation_frame', 'class_frame', 'write_explanations', 'read_full_nis',
+           'read_explanations', 'nis_summary', 'support_summary', 'push_nis_arrays', 'explainer_dirs', 'load_samples',
+           'explain_samples', 'load_trajectory_arrays', 'trajectory_ids', 'explain_trajectories', 'paper_scores']
 
 # %% ../nbs/10_influence.ipynb #3f272f4f
 PAPER_FAITHFULNESS = {"ppnet": 0.0965, "eppnet": 0.1534, "protopool": 0.1420}
@@ -74,11 +75,15 @@ def paper_features(
     unet, # a diffusers UNet2DModel (mask-conditioned or not)
     images:np.ndarray|torch.Tensor, # (N, 1, H, W) in [-1, 1]
     batch_size:int=32,
+    input_range:str="seed", # "seed": the UNet sees (x + 1) / 2 in [0, 1], as the scripts' PNG / 255; "model": x in [-1, 1]
 ) -> np.ndarray:
     "The paper's phi: `trajectory.unet_features` at t = 0, hook on up_blocks[-1], mask channel zero, global-average-pooled; (N, C) float64."
+    if input_range not in ("seed", "model"): raise ValueError(f"input_range must be 'seed' or 'model', got {input_range!r}")
     def np_(v): return v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
-    out = [np_(unet_features(unet, torch.as_tensor(np.array(images[i:i+batch_size], dtype=np.float32)), t=0))
-           for i in range(0, len(images), batch_size)]
+    def x_(i):
+        x = torch.as_tensor(np.array(images[i:i+batch_size], dtype=np.float32))
+        return (x + 1) / 2 if input_range == "seed" else x
+    out = [np_(unet_features(unet, x_(i), t=0)) for i in range(0, len(images), batch_size)]
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
 
 def paper_faithfulness_table(
@@ -153,6 +158,7 @@ class Influence:
     source_index:np.ndarray   # (P,) training image of each prototype (-1: none)
     source_class:np.ndarray   # (P,) class recorded at push (-1: unknown)
     no_positive_evidence:np.ndarray  # (N,) True where shares fell back to equal
+    full_nis:np.ndarray|None = None  # (N, n_train) full-support NIS (`explainer_full_nis`), where computed
 
     @property
     def predicted(self) -> np.ndarray: return self.logits.argmax(-1)
@@ -218,6 +224,63 @@ def source_train_classes(
     tc = np.full(n_train, -1, np.int64); ok = (np.asarray(source_index) >= 0)
     tc[np.asarray(source_index)[ok]] = np.asarray(source_class)[ok]
     return tc
+
+# %% ../nbs/10_influence.ipynb #3c8d7a52
+FULL_NIS_TEMPERATURE = 1.0   # tau of the full-support NIS softmax (the paper's NIS uses 1 in UNet features)
+
+def evidence_shares(
+    evidence:np.ndarray, # (N, P) signed evidence for the explained class
+) -> tuple[np.ndarray, np.ndarray]:
+    "(share (N, P), no_positive_evidence (N,)): clipped evidence over every prototype, normalised; equal shares where none is positive."
+    e = np.clip(np.asarray(evidence, dtype=np.float64), 0, None)
+    if e.ndim != 2: raise ValueError(f"evidence must be (N, P), got shape {e.shape}")
+    tot = e.sum(1, keepdims=True); none = tot[:, 0] <= 0
+    return np.where(none[:, None], 1.0 / e.shape[1], e / np.where(tot > 0, tot, 1)), none
+
+def full_nis(
+    evidence:np.ndarray, # (N, P) evidence of the generated images (`prototype_evidence`)
+    similarity:np.ndarray, # (N, P) their prototype similarities
+    train_similarity:np.ndarray, # (n_train, P) prototype similarities of every training image
+    temperature:float=FULL_NIS_TEMPERATURE, # tau
+    weighting:str="uniform", # omega: "uniform" (1/P, every prototype) or "evidence" (the image's evidence shares)
+) -> tuple[np.ndarray, np.ndarray]:
+    "(NIS (N, n_train), distance D (N, n_train)): the full-support NIS above, vectorised."
+    a, b = np.asarray(similarity, np.float64), np.asarray(train_similarity, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or np.shape(evidence) != a.shape:
+        raise ValueError(f"evidence and similarity must be (N, P) and train_similarity (n_train, P), got "
+                         f"{np.shape(evidence)}, {a.shape} and {b.shape}")
+    if not temperature > 0: raise ValueError(f"temperature must be > 0, got {temperature}")
+    if weighting not in ("uniform", "evidence"): raise ValueError(f"weighting must be 'uniform' or 'evidence', got {weighting!r}")
+    pi = evidence_shares(evidence)[0] if weighting == "evidence" else np.full(a.shape, 1.0 / a.shape[1])
+    d2 = (pi * a * a).sum(1, keepdims=True) - 2 * (pi * a) @ b.T + pi @ (b * b).T
+    d = np.sqrt(np.clip(d2, 0, None))
+    return softmax(-d / temperature, axis=1), d
+
+# %% ../nbs/10_influence.ipynb #5f0a9c3e
+def train_similarities(
+    model:torch.nn.Module, # an explainer
+    train_images:np.ndarray|torch.Tensor, # (n_train, 1, H, W) the training split, in [-1, 1]
+    batch_size:int=256,
+) -> np.ndarray:
+    "(n_train, P) prototype similarities of every training image: one batched pass of the explainer."
+    return prototype_evidence(model, train_images, None, batch_size)[1]
+
+def explainer_full_nis(
+    model:torch.nn.Module, # a trained explainer (pushed or not)
+    images:np.ndarray|torch.Tensor, # (N, 1, H, W) generated images in [-1, 1]
+    train_images:np.ndarray|torch.Tensor|None=None, # (n_train, 1, H, W) training images (or give `train_similarity`)
+    target:np.ndarray|int|None=None, # class to explain (None: predicted)
+    train_similarity:np.ndarray|None=None, # (n_train, P) precomputed `train_similarities`
+    temperature:float=FULL_NIS_TEMPERATURE,
+    weighting:str="uniform", # see `full_nis`
+    batch_size:int=64,
+) -> np.ndarray:
+    "Full-support NIS (N, n_train) of every training image for each generated image, read off an explainer."
+    if train_similarity is None:
+        if train_images is None: raise ValueError("give train_images or train_similarity")
+        train_similarity = train_similarities(model, train_images, max(batch_size, 256))
+    ev, sim, _, _ = prototype_evidence(model, images, target, batch_size)
+    return full_nis(ev, sim, train_similarity, temperature, weighting)[0]
 
 # %% ../nbs/10_influence.ipynb #86cb00c4
 def trajectory_nis(
@@ -294,8 +357,10 @@ def write_explanations(
     run:RunDir|str|Path, # the run directory
     explanations:pd.DataFrame|Sequence[pd.DataFrame], # from `explanation_frame` (several are concatenated)
     classes:pd.DataFrame|Sequence[pd.DataFrame]|None=None, # from `class_frame`
+    full:dict|None=None, # {(method, seed): full-support NIS (N, n_train)} -> 'full_nis.npz'
+    generated_ids:Sequence[int]|None=None, # (N,) ids of the rows of `full` (default 0..N-1)
 ) -> dict[str, Path]:
-    "Write run/'explanations'/'explanations.csv' (and 'class_explanations.csv'), atomically; returns the paths."
+    "Write run/'explanations'/'explanations.csv' (and 'class_explanations.csv', 'full_nis.npz'), atomically; returns the paths."
     root = Path(run.root if isinstance(run, RunDir) else run)
     cat = lambda x: x if isinstance(x, pd.DataFrame) else pd.concat(list(x), ignore_index=True)
     ex = cat(explanations)
@@ -303,7 +368,23 @@ def write_explanations(
     if missing: raise ValueError(f"explanations table lacks columns {missing}")
     out = {"explanations": write_table(ex, root/"explanations"/"explanations.csv")}
     if classes is not None: out["classes"] = write_table(cat(classes), root/"explanations"/"class_explanations.csv")
+    if full:
+        n = len(next(iter(full.values())))
+        buf = io.BytesIO()
+        np.savez(buf, generated_id=np.arange(n) if generated_ids is None else np.asarray(generated_ids),
+                 **{f"{m}_seed{sd}": np.asarray(a, np.float64) for (m, sd), a in sorted(full.items())})
+        out["full"] = atomic_write(root/"explanations"/"full_nis.npz", buf.getvalue())
     return out
+
+def read_full_nis(
+    run:RunDir|str|Path, # the run directory
+) -> tuple[np.ndarray, dict]:
+    "(generated_id (N,), {(method, seed): full-support NIS (N, n_train)}) from 'explanations/full_nis.npz'."
+    f = Path(run.root if isinstance(run, RunDir) else run)/"explanations"/"full_nis.npz"
+    if not f.is_file(): raise FileNotFoundError(f"{f}: no full-support NIS written yet; run the `explanations` stage")
+    with np.load(f, allow_pickle=False) as z:
+        arrs = {(k.rsplit("_seed", 1)[0], int(k.rsplit("_seed", 1)[1])): z[k] for k in z.files if k != "generated_id"}
+        return z["generated_id"], arrs
 
 def read_explanations(
     run:RunDir|str|Path, # the run directory
@@ -334,6 +415,43 @@ def nis_summary(
                          ci95_low=st["ci95_low"], ci95_high=st["ci95_high"], value=format_mean_sd(st["mean"], st["sd"]),
                          n_influential=float(g.n_influential.mean()), entropy=float(g.entropy.mean())))
     return pd.DataFrame(rows)
+
+# %% ../nbs/10_influence.ipynb #8a4d1b6f
+def support_summary(
+    arrays:dict, # {(definition, method, seed): NIS (N, n_candidates)}; seed may be None (no explainer)
+) -> pd.DataFrame:
+    "Per definition and method: candidates, support (NIS > 0 per image), effective images exp(H), max NIS; means over images and seeds."
+    rows = {}
+    for (d, m, sd), a in arrays.items():
+        a = np.asarray(a, np.float64)
+        if a.ndim != 2: raise ValueError(f"NIS of {(d, m, sd)} must be (N, n_candidates), got shape {a.shape}")
+        h = -np.where(a > 0, a * np.log(np.where(a > 0, a, 1)), 0).sum(1)
+        r = rows.setdefault((d, m), dict(definition=d, method=m, n_candidates=a.shape[1], seeds=set(), n_generated=a.shape[0],
+                                         support=[], effective=[], max_nis=[]))
+        r["seeds"].add(sd); r["support"].append((a > 0).sum(1)); r["effective"].append(np.exp(h)); r["max_nis"].append(a.max(1))
+    out = []
+    for r in rows.values():
+        sup, eff, mx = (np.concatenate(r.pop(k)) for k in ("support", "effective", "max_nis"))
+        out.append(dict(r, seeds=len(r["seeds"] - {None}), support=float(sup.mean()), support_fraction=float(sup.mean() / r["n_candidates"]),
+                        min_support=int(sup.min()), effective_images=float(eff.mean()), max_nis=float(mx.mean())))
+    return pd.DataFrame(out)
+
+# %% ../nbs/10_influence.ipynb #4f6a2c88
+def push_nis_arrays(
+    explanations:pd.DataFrame, # a long table (`read_explanations`)
+    n_train:int, # training images
+    timestep:int=FINAL_TIMESTEP, # which rows
+) -> dict:
+    "{(method, seed): push NIS (N, n_train)} rebuilt from the long table (rows in generated_id order)."
+    ex = explanations[(explanations.timestep == timestep) & (explanations.source_index >= 0)]
+    out = {}
+    for (m, sd), g in ex.groupby(["method", "seed"], sort=True):
+        ids = np.sort(g.generated_id.unique()); row = {v: i for i, v in enumerate(ids)}
+        a = np.zeros((len(ids), n_train))
+        g = g.drop_duplicates(["generated_id", "source_index"])
+        a[g.generated_id.map(row).to_numpy(), g.source_index.to_numpy()] = g.nis.to_numpy()
+        out[(m, int(sd))] = a
+    return out
 
 # %% ../nbs/10_influence.ipynb #67e9e284
 def explainer_dirs(
@@ -366,8 +484,8 @@ def explain_samples(
     timestep:int|Sequence[int]=FINAL_TIMESTEP,
     batch_size:int=64,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    "Explain images with every saved explainer: (long table, class table, {(method, seed): Influence})."
-    n_train = len(load_sliceset(run, "train"))
+    "Explain images with every saved explainer: (long table, class table, {(method, seed): Influence with `full_nis`})."
+    train = load_sliceset(run, "train"); n_train = len(train)
     if images is None: images = load_samples(run)["images"]
     ids = np.arange(len(images)) if generated_ids is None else np.asarray(generated_ids)
     found = explainer_dirs(run, methods, seeds)
@@ -376,6 +494,7 @@ def explain_samples(
     for m, sd, d in found:
         model, _, recs = load_explainer(d)
         inf = explainer_nis(model, recs, images, n_train, batch_size=batch_size)
+        inf.full_nis = explainer_full_nis(model, images, train.images, batch_size=batch_size)
         frames.append(explanation_frame(inf, ids, m, sd, timestep)); cframes.append(class_frame(inf, ids, m, sd, timestep))
         infl[(m, sd)] = inf
     return pd.concat(frames, ignore_index=True), pd.concat(cframes, ignore_index=True), infl

@@ -4,7 +4,8 @@
 
 # %% ../nbs/15_pipeline.ipynb #1bb9ba4f
 from __future__ import annotations
-import csv, inspect, io, json, os, sys, time, warnings
+import csv, inspect, io, json, multiprocessing, os, sys, time, warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -33,8 +34,8 @@ from . import groundtruth as gt
 
 # %% auto #0
 __all__ = ['DATA_PROFILE_FIELDS', 'DIFFUSION_FIELDS', 'TRAIN_VERSION', 'stage_table', 'require', 'stage_outputs', 'run_data',
-           'run_train_diffusion', 'run_sample', 'run_trajectory', 'run_train_explainers', 'write_summary',
-           'run_explanations', 'run_image_quality', 'faithfulness_records_for_run', 'run_faithfulness',
+           'run_train_diffusion', 'run_sample', 'run_trajectory', 'explainer_workers', 'run_train_explainers',
+           'write_summary', 'run_explanations', 'run_image_quality', 'faithfulness_records_for_run', 'run_faithfulness',
            'run_groundtruth', 'profile_overrides', 'open_experiment', 'run_stage_command']
 
 # %% ../nbs/15_pipeline.ipynb #ef37e912
@@ -218,7 +219,7 @@ def run_trajectory(
     return run.run_stage("trajectory", work, inputs, outputs=stage_outputs("trajectory"), force=force, params=dict(n=n))
 
 # %% ../nbs/15_pipeline.ipynb #f7d861d4
-TRAIN_VERSION = 2  # bump to invalidate trained explainers after a change in the training code
+TRAIN_VERSION = 3  # bump to invalidate trained explainers after a change in the training code
 
 
 def _unet_for(run:RunDir):
@@ -239,6 +240,18 @@ def _kmeans_features(run:RunDir, splits:tuple, mode:str) -> tuple:
     return tuple(pixel_features(s.images) for s in splits), "pixels (8x8 average pool)"
 
 # %% ../nbs/15_pipeline.ipynb #06091f3d
+def explainer_workers(device) -> int:
+    "Explainers trained at once by default: one per CPU core (at most 4, for memory) on the CPU; 1 on a GPU."
+    return 1 if torch.device(device).type != "cpu" else max(1, min(os.cpu_count() or 1, 4))
+
+def _train_job(folder, cfg, plan, train, val, test, labels, seed, device, unet) -> dict:
+    "Train one explainer here or in a worker process; on the CPU on one torch thread, so the result does not depend on `workers`."
+    old, cpu = torch.get_num_threads(), torch.device(device).type == "cpu"
+    if cpu: torch.set_num_threads(1)
+    try: return train_one(folder, cfg, plan, train, val, test, labels, seed=seed, device=device, unet=unet)
+    finally:
+        if cpu: torch.set_num_threads(old)
+
 def run_train_explainers(
     run:RunDir, # the run directory (its data stage must be done)
     methods:Sequence[str]|None=None, # default: the profile's `methods`
@@ -248,6 +261,7 @@ def run_train_explainers(
     force:bool=False, # retrain even if done with the same inputs
     device=None, # default `get_device()`
     progress:bool=True,
+    workers:int|None=None, # explainers trained at once, each in its own process (default `explainer_workers`); results do not depend on it
 ) -> dict:
     "Stage `train-explainers`: train, push, check and save every (method, seed); returns {(method, seed): status}."
     prof = run.profile
@@ -266,7 +280,9 @@ def run_train_explainers(
     pretrained = backbone not in ("cnn", "unet") and (backbone_weights or "imagenet") != "random"
     data_hash = hash_inputs(dict(stage=run.stage("data").get("input_hash"), split=hash_file(run/"data"/"split.json")))
     device = torch.device(device) if device is not None else get_device()
-    status = {}
+    workers = explainer_workers(device) if workers is None else int(workers)
+    if workers < 1: raise ValueError(f"workers must be >= 1, got {workers}")
+    jobs = []
     for m in methods:
         plan = plan_from_profile(prof, m, backbone, pretrained)
         for s in seeds:
@@ -275,20 +291,29 @@ def run_train_explainers(
                                   protos_per_class=prof.explainers.protos_per_class, proto_dim=prof.explainers.proto_dim, pool_size=prof.explainers.pool_size,
                                   pool_slots=prof.explainers.pool_slots, gumbel_tau=prof.explainers.gumbel_tau,
                                   pool_spread_init=prof.explainers.pool_spread_init if m == "protopool" else 0.0)
-            rel = f"protonets/{m}/seed{s}"
             inputs = dict(config=cfg.to_dict(), plan=plan.to_dict(), seed=s, data=data_hash, unet=unet_hash,
                           labels=dict(source=labels.source, info=labels.info,
                                       hash=hash_inputs([labels.train, labels.val, labels.test])), version=TRAIN_VERSION)
-            def work(m=m, s=s, cfg=cfg, plan=plan, rel=rel):
+            jobs.append((f"train-explainers/{m}/seed{s}", m, s, (run/f"protonets/{m}/seed{s}", cfg, plan, train, val, test, labels, s, device, unet), inputs))
+    todo = [j for j in jobs if force or not run.is_done(j[0], j[4])]
+    n_proc = min(workers, len(todo))
+    pool = ProcessPoolExecutor(n_proc, mp_context=multiprocessing.get_context("spawn")) if n_proc > 1 else None
+    futures = {j[0]: pool.submit(_train_job, *j[3]) for j in todo} if pool else {}
+    if pool and progress: print(f"train-explainers: {len(todo)} explainers, {n_proc} at a time (one process and CPU thread each)", flush=True)
+    status = {}
+    try:
+        for name, m, s, args, inputs in jobs:
+            def work(name=name, m=m, s=s, args=args):
                 if progress: print(f"train-explainers: {m} seed {s} ({backbone}, {labels.source} labels)", flush=True)
-                met = train_one(run/rel, cfg, plan, train, val, test, labels, seed=s, device=device, unet=unet)
+                met = futures[name].result() if name in futures else _train_job(*args)
                 if progress:
                     print(f"  test accuracy {met['accuracy']['test']:.3f}, duplicates ok: {met['duplicates']['ok']}, "
                           f"{met['seconds']:.1f}s", flush=True)
                 return dict(accuracy=met["accuracy"], duplicates_ok=met["duplicates"]["ok"], seconds=met["seconds"])
-            status[(m, s)] = run.run_stage(f"train-explainers/{m}/seed{s}", work, inputs,
-                                           outputs=stage_outputs("train-explainers", method=m, seed=s),
+            status[(m, s)] = run.run_stage(name, work, inputs, outputs=stage_outputs("train-explainers", method=m, seed=s),
                                            force=force, params=dict(method=m, seed=s, backbone=backbone))
+    finally:
+        if pool: pool.shutdown(cancel_futures=True)
     write_summary(run)
     return status
 
@@ -349,11 +374,11 @@ def run_explanations(
     inputs["trajectory"] = hash_file(traj_file) if traj_file.exists() else None
     def work():
         t0 = time.time()
-        ex, cl, _ = explain_samples(run, methods, seeds)
+        ex, cl, infl = explain_samples(run, methods, seeds)
         if traj_file.exists():
             ext, clt, _ = explain_trajectories(run, methods, seeds)
             ex, cl = pd.concat([ex, ext], ignore_index=True), pd.concat([cl, clt], ignore_index=True)
-        write_explanations(run, ex, cl)
+        write_explanations(run, ex, cl, full={k: inf.full_nis for k, inf in infl.items()})
         _say(progress, "explanations")(f"{len(ex)} rows ({time.time() - t0:.1f}s)")
         return dict(rows=len(ex), seconds=round(time.time() - t0, 1))
     return run.run_stage("explanations", work, inputs, stage_outputs("explanations"), force=force,
@@ -400,7 +425,7 @@ def faithfulness_records_for_run(
     unet, sched = load_diffusion(run, device=str(dev))
     nf = min(prof.faithfulness.faith_images, len(gen))
     cond = mask_channel(smp["masks"][:nf], len(names)) if model_conditioning(unet) == "mask" else None
-    say(f"recording {nf} trajectories ({prof.faithfulness.faith_steps} DDIM steps) for the generative metric")
+    say(f"recording {nf} trajectories ({prof.faithfulness.faith_steps} DDIM steps) for the denoiser-sensitivity metric")
     traj = faith.trajectory_batch(unet, sched, smp["seeds"][:nf], cond, prof.faithfulness.faith_timesteps, prof.faithfulness.faith_steps, ids[:nf],
                             batch_size=max(prof.diffusion.sample_batch, 16))
     info = dict(n_generated=len(gen), faith_images=nf, faith_timesteps_requested=list(prof.faithfulness.faith_timesteps),
@@ -455,7 +480,7 @@ def run_faithfulness(
         write_table(records, tables/"faithfulness_records.csv")
         write_table(table, tables/"faithfulness.csv"); write_table(comparisons, tables/"faithfulness_comparisons.csv")
         header = (f"Run `{run.root.name}`, profile `{prof.name}`: {info['n_generated']} generated images (metric 1), "
-                  f"{info['faith_images']} for the generative metric at timesteps {info['faith_timesteps_used']} "
+                  f"{info['faith_images']} for the denoiser-sensitivity metric at timesteps {info['faith_timesteps_used']} "
                   f"(requested {info['faith_timesteps_requested']}, {info['faith_steps']}-step DDIM grid) with the first "
                   f"{prof.faithfulness.generative_seeds} explainer seed(s) per method, {info['n_test']} test slices for consistency / stability; "
                   f"top-k = {info['topk']}, region q = {prof.faithfulness.region_fraction}, baseline `{prof.faithfulness.ablation_baseline}`; explainers: "

@@ -97,10 +97,11 @@ STAGES = (
                help="feature extractor (default: the profile's `backbone`; 'unet' = the run's frozen diffusion encoder)"),
            opt("--backbone-weights", default=None, help="torchvision backbones: 'imagenet' (default; read from the local torch hub cache), "
                "a weights file, or 'random' (untrained, labelled as such)"),
-           opt("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is fastest when the cores are busy)"))),
+           opt("--workers", type=int, default=None, help="explainers trained at once, each in its own process on one CPU thread "
+               "(default: one per CPU core, at most 4, on the CPU; 1 on a GPU); the results do not depend on it"))),
     Stage("explanations", "run_explanations", ("sample", "train-explainers"),
-          ("explanations/explanations.csv", "explanations/class_explanations.csv"), "influence",
-          "NIS / cNIS of every generated image (and trajectory x0 estimate) for every trained explainer", (_METHODS, _SEEDS)),
+          ("explanations/explanations.csv", "explanations/class_explanations.csv", "explanations/full_nis.npz"), "influence",
+          "push NIS, full-support NIS and cNIS of every generated image (push NIS and cNIS also of each trajectory x0 estimate) for every trained explainer", (_METHODS, _SEEDS)),
     Stage("image-quality", "run_image_quality", ("sample",), ("tables/image_quality.csv", "tables/image_quality.md"), "quality",
           "PSNR, SSIM, LPIPS and Frechet distances of the generated images against their real partners", ()),
     Stage("faithfulness", "run_faithfulness", ("sample", "train-explainers"),

@@ -15,7 +15,9 @@ from scipy import stats
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['bootstrap_ci', 'summarize', 'format_mean_sd', 'markdown_table', 'write_table']
+__all__ = ['MIN_UNITS', 'MIN_SEEDS', 'TOO_SMALL', 'bootstrap_ci', 'summarize', 'format_mean_sd', 'hierarchical_bootstrap_ci',
+           'hierarchical_summary', 'format_estimate', 'format_ci', 'minimum_detectable_effect', 'markdown_table',
+           'write_table']
 
 # %% ../nbs/08_stats.ipynb #6f1d8446
 def bootstrap_ci(
@@ -66,6 +68,97 @@ def format_mean_sd(
     mag = int(np.floor(np.log10(abs(mean)))) if mean != 0 else 0
     dec = max(digits - 1 - mag, 0)
     return f"{mean:.{dec}f}" if sd is None or not np.isfinite(sd) else f"{mean:.{dec}f} ± {sd:.{dec}f}"
+
+# %% ../nbs/08_stats.ipynb #86cd619f
+def hierarchical_bootstrap_ci(
+    table, # (n_seeds, n_units) array: one value per seed and unit, every seed on the same units (1-D: one seed); NaN = missing cell
+    confidence:float=0.95, # confidence level of the interval
+    n_resamples:int=1000, # bootstrap resamples
+    seed:int=0, # seed of the resampling generator (same seed, same interval)
+) -> tuple[float, float]:
+    "Percentile CI of the grand mean of a crossed seeds x units `table`: resample units, and seeds, with replacement; (nan, nan) for < 2 units."
+    t = np.atleast_2d(np.asarray(table, dtype=float))
+    if t.ndim != 2: raise ValueError(f"table must be (n_seeds, n_units), got shape {t.shape}")
+    if not 0 < confidence < 1: raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    ok = np.isfinite(t); t = np.where(ok, t, np.nan)[ok.any(1)][:, ok.any(0)]   # drop empty seeds and units
+    S, U = t.shape
+    if U < 2: return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed); B = int(n_resamples)
+    ui = rng.integers(0, U, (B, U)); si = rng.integers(0, S, (B, S))   # units first: with S = 1, the unit bootstrap
+    step = max(1, 4_000_000 // (S * U))                                # bound the B x S x U block's memory
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)                # an all-NaN resample is dropped below
+        m = np.concatenate([np.nanmean(t[si[b:b+step, :, None], ui[b:b+step, None, :]], axis=(1, 2))
+                            for b in range(0, B, step)])
+    m = m[np.isfinite(m)]
+    if len(m) == 0: return (float("nan"), float("nan"))
+    a = (1 - confidence) / 2
+    return float(np.quantile(m, a)), float(np.quantile(m, 1 - a))
+
+# %% ../nbs/08_stats.ipynb #98c5d1fb
+def hierarchical_summary(
+    records:pd.DataFrame, # long table: one row per seed x unit (several rows for a cell are averaged)
+    value:str="value", # column of the values
+    seed_col:str="seed", # column naming the explainer/model seed
+    unit_col:str="unit", # column naming the unit (generated image, prototype, subset)
+    n_resamples:int=1000, # bootstrap resamples for the 95 % CI
+    seed:int=0, # bootstrap seed
+) -> dict:
+    "mean, sd_seeds, sd_units (ddof=1), n_seeds, n_units and the hierarchical 95 % CI of a crossed seeds x units design."
+    x = pd.to_numeric(records[value], errors="coerce").replace([np.inf, -np.inf], np.nan)
+    if not x.notna().any():
+        return dict(mean=float("nan"), sd_seeds=float("nan"), sd_units=float("nan"), n_seeds=0, n_units=0,
+                    ci95_low=float("nan"), ci95_high=float("nan"))
+    t = x.groupby([records[seed_col], records[unit_col]]).mean().unstack().to_numpy(float)   # the seed x unit table
+    ok = np.isfinite(t); t = t[ok.any(1)][:, ok.any(0)]
+    def sd(v): return float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+    lo, hi = hierarchical_bootstrap_ci(t, n_resamples=n_resamples, seed=seed)
+    return dict(mean=float(np.nanmean(t)), sd_seeds=sd(np.nanmean(t, 1)), sd_units=sd(np.nanmean(t, 0)),
+                n_seeds=t.shape[0], n_units=t.shape[1], ci95_low=lo, ci95_high=hi)
+
+# %% ../nbs/08_stats.ipynb #aad5c1b3
+MIN_UNITS = 10   # fewest units (generated images, prototypes, subsets) for a mean's CI to be shown
+MIN_SEEDS = 3    # fewest explainer/model seeds for an SD over seeds to be shown
+TOO_SMALL = "n too small"   # what a table shows instead
+
+# %% ../nbs/08_stats.ipynb #2dbae43d
+def format_estimate(
+    mean:float, # the mean
+    sd:float, # its standard deviation
+    n:int, # how many values (units, or seeds for an SD over seeds) it summarises
+    n_min:int=MIN_UNITS, # fewest values for it to be shown (`MIN_SEEDS` for an SD over seeds)
+    digits:int=4, # significant digits, as in `format_mean_sd`
+) -> str:
+    "`format_mean_sd(mean, sd)`, or `TOO_SMALL` when `n < n_min`."
+    return TOO_SMALL if n < n_min else format_mean_sd(mean, sd, digits)
+
+def format_ci(
+    lo:float, # lower end of the interval
+    hi:float, # upper end
+    n:int, # how many units the interval's mean summarises
+    n_min:int=MIN_UNITS, # fewest units for it to be shown
+) -> str:
+    "'[lo, hi]' with 3 significant digits; `TOO_SMALL` when `n < n_min`, '' when an end is not finite."
+    if n < n_min: return TOO_SMALL
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)): return ""
+    def g(v): return np.format_float_positional(float(v), precision=3, unique=False, fractional=False, trim="-")
+    return f"[{g(lo)}, {g(hi)}]"   # 3 significant digits, never an exponent: '[1230, 1300]', '[0.000123, 0.0456]'
+
+# %% ../nbs/08_stats.ipynb #11c60d3a
+def minimum_detectable_effect(
+    sd:float, # SD of the paired differences ("paired", "wilcoxon") or common SD of the two samples ("two-sample")
+    n:int, # pairs, or units per sample for "two-sample"
+    alpha:float=0.05, # two-sided significance level
+    power:float=0.8, # wanted probability of detecting the effect
+    test:str="paired", # "paired" (t/z), "two-sample" (x sqrt 2), "wilcoxon" (paired with n * 3/pi effective: ARE vs t on normal data)
+) -> float:
+    "Smallest true mean difference detected with `power` by a two-sided level-`alpha` test: (z_{1-alpha/2} + z_power) sd / sqrt(n); nan for n < 2."
+    if test not in ("paired", "two-sample", "wilcoxon"): raise ValueError(f"test must be 'paired', 'two-sample' or 'wilcoxon', got {test!r}")
+    if not (0 < alpha < 1 and 0 < power < 1): raise ValueError(f"alpha and power must be in (0, 1), got {alpha}, {power}")
+    if n is None or not n >= 2 or sd is None or not np.isfinite(sd): return float("nan")
+    n_eff = n * 3 / np.pi if test == "wilcoxon" else n
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    return float(z * sd / np.sqrt(n_eff) * (np.sqrt(2) if test == "two-sample" else 1))
 
 # %% ../nbs/08_stats.ipynb #9a01257e
 def markdown_table(

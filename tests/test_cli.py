@@ -190,15 +190,12 @@ def test_every_stage_has_a_subcommand_with_its_inputs_and_outputs_documented(tmp
             if d == "threads": continue   # not a stage parameter: `run_stage_command` takes it (checked below)
             assert any_kw or d in params, f"stage {st.name!r}: option {o.flags[0]} (dest {d!r}) is no parameter of pipeline.{st.func}"
     assert set(stages.PROFILE_NAMES) == set(core._PROFILES) and len(stages.PROFILE_NAMES) == len(set(stages.PROFILE_NAMES))
-    # --threads (train-explainers) sets torch's CPU threads and is not passed on to the stage function
+    # --workers (train-explainers) reaches the stage function
     seen = {}
     monkeypatch.setattr(pipeline, "run_train_explainers", lambda run, **kw: seen.update(kw) or {})
-    threads = torch.get_num_threads()
-    try:
-        rc, out, err = run_main("train-explainers", "--out", tmp_path/"r", "--profile", "smoke", "--threads", 1, "--methods", "ppnet")
-        assert rc == 0, err
-        assert torch.get_num_threads() == 1 and "threads" not in seen and seen["methods"] == ("ppnet",)
-    finally: torch.set_num_threads(threads)
+    rc, out, err = run_main("train-explainers", "--out", tmp_path/"r", "--profile", "smoke", "--workers", 2, "--methods", "ppnet")
+    assert rc == 0, err
+    assert seen["workers"] == 2 and seen["methods"] == ("ppnet",)
 
 
 def test_building_the_parser_does_not_import_torch():

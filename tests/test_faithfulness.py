@@ -338,7 +338,17 @@ def test_explain_end_to_end_on_a_tiny_run(tmp_run, capsys):
     assert set(t[t.definition == "paper definition"].paper_reference.str.replace(" (paper)", "").astype(float)) == {0.0965, 0.1534, 0.142}
     ours = t[t.definition == "ours"]
     assert ((ours.n + ours.n_dropped) > 0).all() and {"ci95_low", "ci95_high", "n", "n_seeds", "p_vs_trained"} <= set(t.columns)
-    assert ours[ours.metric.str.startswith("generative")].timestep.dropna().astype(int).tolist()[0] == 500
+    # the metrics are named for what they perturb and measure; none claims the training data
+    assert set(ours.metric) >= {"classifier faithfulness: prototype ablation", "denoiser spatial sensitivity: re-noise x_t in prototype regions"}
+    assert ours[ours.metric.str.startswith("denoiser spatial sensitivity")].timestep.dropna().astype(int).tolist()[0] == 500
+    # 4 generated images < stats.MIN_UNITS: every cell of ours says so instead of a number; sanity rows carry an MDE column
+    assert (ours.value == "n too small").all() and {"mde", "ci_over"} <= set(t.columns)
+    assert ours[ours.variant == "randomised explainer"].mde.notna().any()
+    from mri_protodiff.influence import read_full_nis
+    from mri_protodiff.data import load_sliceset
+    _, full = read_full_nis(tmp_run)
+    assert list(full) == [("ppnet", 0)] and full[("ppnet", 0)].shape == (4, len(load_sliceset(tmp_run, "train")))
+    assert (full[("ppnet", 0)] > 0).all()                                   # every training image of the run is named
     for cmd in explain: assert main([cmd, "--out", str(tmp_run)]) == 0, cmd     # done with the same inputs: skipped
     out = capsys.readouterr().out
     assert all(f"{cmd}: skipped; in " in out for cmd in explain), out

@@ -67,12 +67,18 @@ def test_paper_features_uses_unet_hook():
     f = I.paper_features(unet, x, batch_size=2)
     assert f.shape == (3, 8)
     # oracle: a hook on up_blocks[-1] at t = 0 with the mask channel zero, averaged over space
-    got = {}
-    h = unet.up_blocks[-1].register_forward_hook(lambda m, i, o: got.__setitem__("o", o))
-    with torch.no_grad():
-        unet(torch.cat([torch.from_numpy(x), torch.zeros_like(torch.from_numpy(x))], 1), torch.zeros(3, dtype=torch.long))
-    h.remove()
-    np.testing.assert_allclose(f, got["o"].mean((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    def oracle(inp):
+        got = {}
+        h = unet.up_blocks[-1].register_forward_hook(lambda m, i, o: got.__setitem__("o", o))
+        with torch.no_grad():
+            unet(torch.cat([torch.from_numpy(inp), torch.zeros_like(torch.from_numpy(inp))], 1), torch.zeros(3, dtype=torch.long))
+        h.remove()
+        return got["o"].mean((2, 3)).numpy()
+    # default: the seed scripts' input range, PNG / 255 in [0, 1]
+    np.testing.assert_allclose(f, oracle((x + 1) / 2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(I.paper_features(unet, x, batch_size=2, input_range="model"), oracle(x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(f, oracle(x), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="input_range"): I.paper_features(unet, x, input_range="png")
 
 
 # ---------------------------------------------------------------- NIS from explainers
@@ -126,6 +132,44 @@ def test_explainer_nis_properties(toy):
         ref = np.zeros(12)
         for p, r in enumerate(push): ref[r["source_index"]] += e[p] / e.sum()
         np.testing.assert_allclose(inf.nis[n], ref, rtol=1e-9, atol=1e-12)
+
+
+def _copies(seed, noise, n_train=40, src=(0, 7, 7, 21, 39, 12)):
+    "A toy whose influential training images are known: generated images that are noisy copies of training images `src`."
+    g = torch.Generator().manual_seed(seed)
+    train = torch.rand(n_train, 1, 16, 16, generator=g) * 2 - 1
+    return train, train[list(src)] + noise * torch.randn(len(src), 1, 16, 16, generator=g), np.array(src)
+
+
+def test_full_nis_ranks_the_copied_training_image_first(toy):
+    torch.manual_seed(0); model = Toy()                               # the bias init draws from the global generator
+    push = toy[1]
+    train, gen, src = _copies(5, 0.001)
+    full = I.explainer_full_nis(model, gen, train)
+    np.testing.assert_array_equal(full.argmax(1), src)
+    assert (full > 0).all() and np.allclose(full.sum(1), 1)
+    # direct transcription of the formula: softmax(-D), D the RMS similarity difference (uniform) or evidence-weighted
+    ev, sim, _, _ = I.prototype_evidence(model, gen)
+    tsim = I.train_similarities(model, train)
+    ev_full = I.explainer_full_nis(model, gen, train, weighting="evidence")
+    for n in range(len(src)):
+        d = np.sqrt(((sim[n] - tsim) ** 2).mean(1))
+        np.testing.assert_allclose(full[n], np.exp(-d) / np.exp(-d).sum(), rtol=1e-9, atol=1e-15)
+        pi = np.clip(ev[n], 0, None) / np.clip(ev[n], 0, None).sum()
+        d = np.sqrt((pi * (sim[n] - tsim) ** 2).sum(1))
+        np.testing.assert_allclose(ev_full[n], np.exp(-d) / np.exp(-d).sum(), rtol=1e-9, atol=1e-15)
+    # push NIS on the same explainer names only the pushed-onto images: the reason full NIS exists
+    assert ((I.explainer_nis(model, push, gen, n_train=40).nis > 0).sum(1) <= 4).all()
+
+
+def test_full_nis_uniform_weighting_finds_copies_the_evidence_weighting_misses():
+    "Why `weighting='uniform'` is the default (chapter influence): 20 toys x 6 copies, noise SD 0.01, 6 prototypes."
+    torch.manual_seed(0); model = Toy()
+    miss = {"uniform": 0, "evidence": 0}
+    for seed in range(20):
+        train, gen, src = _copies(seed, 0.01)
+        for w in miss: miss[w] += int((I.explainer_full_nis(model, gen, train, weighting=w).argmax(1) != src).sum())
+    assert miss["uniform"] <= 6 and miss["evidence"] >= 40, miss     # measured: 2 and 88 of 120
 
 
 def test_explicit_target_and_negative_evidence(toy):
@@ -215,6 +259,9 @@ def test_explain_samples_on_a_run(tiny_run):
         # evidence adds up to the explained logit (ProtoPool: its folded, hardened slot layer)
         np.testing.assert_allclose(inf.evidence.sum(1), inf.logits[np.arange(4), inf.target], rtol=1e-4, atol=1e-4)
     assert np.allclose(cl.groupby(["method", "generated_id"]).cnis.sum(), 1)
+    for (m, s), inf in infl.items():   # full-support NIS: every training image of the run is named, by every explainer
+        assert inf.full_nis.shape == (4, n_train) and (inf.full_nis > 0).all() and np.allclose(inf.full_nis.sum(1), 1)
+        assert ((inf.nis > 0).sum(1) < n_train).all()                  # push NIS: only the pushed-onto images
     paths = I.write_explanations(run, ex, cl)
     assert paths["explanations"] == run / "explanations" / "explanations.csv"
     assert len(I.read_explanations(run)) == len(ex)

@@ -122,7 +122,7 @@ def test_stage_plan_is_data():
     plan = plan_from_profile(prof, "ppnet")
     assert [s.kind for s in plan.stages] == ["pretrain", "init", "warm", "joint", "push", "last", "joint", "push", "last"]
     assert "backbone" not in plan.stages[2].lr and plan.stages[3].lr["backbone"] < plan.stages[0].lr["backbone"]
-    assert "init" not in [s.kind for s in plan_from_profile(prof, "eppnet").stages]      # EPPNet keeps the reference's random start
+    assert [s.kind for s in plan_from_profile(prof, "eppnet").stages] == [s.kind for s in plan.stages]   # EPPNet starts as PPNet does (k-means)
     assert TrainPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     pp = plan_from_profile(prof, "protopool")
     assert [s.kind for s in pp.stages] == ["pretrain", "init", "warm", "joint", "harden", "push", "last"] and pp.coefs["orthogonality"] == prof.explainers.orth_coef
@@ -132,6 +132,46 @@ def test_stage_plan_is_data():
     assert all("backbone" not in s.lr for s in plan_from_profile(prof, "ppnet", backbone="unet").stages)
     assert gumbel_scale(0, 1000, 10, "sqrt") == 0 and gumbel_scale(0, 1000, 10, "geometric", 1.3) == 1.3 and gumbel_scale(2.5, 1000, 10) == 500 and gumbel_scale(20, 1000, 10) == 1000
     with pytest.raises(ValueError, match="unknown explainer method"): plan_from_profile(prof, "protonet")
+
+def test_ppnet_and_eppnet_start_the_same_way():
+    "The comparison of PPNet and EPPNet is their loss, not their start: same stages, and the same prototypes after `init`."
+    prof = get_profile("quick")
+    assert {"ppnet", "eppnet", "protopool"} <= set(prof.explainers.proto_init_kmeans)
+    pp, ep = plan_from_profile(prof, "ppnet"), plan_from_profile(prof, "eppnet")
+    assert [(s.kind, s.epochs, s.lr) for s in pp.stages] == [(s.kind, s.epochs, s.lr) for s in ep.stages]
+    rest = lambda plan: {k: v for k, v in plan.to_dict().items() if k not in ("method", "coefs")}
+    assert rest(pp) == rest(ep)                                   # batch size, weight decay, augmentation, push ...
+    assert pp.coefs != ep.coefs                                   # ... and they do differ in the loss
+    for name in ("smoke", "paper"):                               # no profile starts them differently
+        p = get_profile(name)
+        assert ("ppnet" in p.explainers.proto_init_kmeans) == ("eppnet" in p.explainers.proto_init_kmeans)
+    # up to and including the init stage, on a tiny data set with the same seed: identical tensors
+    x, y = blobs(24, seed=3)
+    small = get_profile("smoke", cnn_pretrain_epochs=1)
+    protos, states = {}, {}
+    for m in ("ppnet", "eppnet"):
+        plan = plan_from_profile(small, m)
+        kinds = [s.kind for s in plan.stages]
+        assert kinds[:2] == ["pretrain", "init"]
+        plan.stages = plan.stages[:kinds.index("init") + 1]
+        fit = fit_explainer(cfg_for(small, m), plan, x, y, seed=5, device="cpu")
+        assert [h["stage"] for h in fit.history][-1] == "init" and fit.history[-1]["classes"] == [0, 1, 2, 3]
+        protos[m], states[m] = fit.model.prototypes.detach().clone(), fit.model.state_dict()
+    assert torch.equal(protos["ppnet"], protos["eppnet"])
+    assert states["ppnet"].keys() == states["eppnet"].keys() and all(torch.equal(states["ppnet"][k], states["eppnet"][k]) for k in states["ppnet"])
+    torch.manual_seed(5); fresh = build_explainer(cfg_for(small, "ppnet"))
+    assert not torch.equal(fresh.prototypes, protos["ppnet"])     # the init stage did move them off the random draw
+
+def test_protopool_orthogonality_weight_is_the_reference():
+    "gmum/ProtoPool main.py adds its orthogonality loss unweighted; ours is normalised the same way, so the weight is 1.0."
+    for name in ("smoke", "quick", "paper"):
+        assert get_profile(name).explainers.orth_coef == 1.0
+        assert plan_from_profile(get_profile(name), "protopool").coefs["orthogonality"] == 1.0
+    from mri_protodiff.protonets import orthogonality_loss
+    q = torch.randn(4, 12, 3, generator=torch.Generator().manual_seed(0))   # (C, M, K) like the reference's proto_presence [c, p, n]
+    C, _, K = q.shape
+    reference = torch.nn.functional.cosine_similarity(q.unsqueeze(2), q.unsqueeze(-1), dim=1).sum() / (K * C) - 1
+    assert torch.allclose(orthogonality_loss(q), reference, atol=1e-6)
 
 def test_same_seed_same_model_on_cpu():
     x, y = blobs(32, seed=2)
@@ -226,6 +266,23 @@ def test_train_explainers_stage_end_to_end(tmp_path):
     code, _, err = cli("train-explainers", "--out", str(out), "--methods", "protonet")
     assert code == 2 and "unknown explainer method" in err
 
+def test_parallel_workers_train_the_same_explainers_as_the_sequential_loop(tmp_path, capsys):
+    "workers=2 (spawned processes, one CPU thread each) writes byte-identical weights and push records to workers=1."
+    from mri_protodiff.pipeline import run_data
+    prof = get_profile("smoke", explainer_seeds=(0, 1), warm_epochs=1, joint_epochs=1, last_epochs=1, push_every=1)
+    runs = {w: RunDir(tmp_path/f"w{w}", prof) for w in (1, 2)}
+    for w, run in runs.items():
+        run_data(run)
+        st = run_train_explainers(run, ["ppnet", "eppnet"], workers=w, progress=True)
+        assert set(st.values()) == {"done"} and len(st) == 4
+    assert "4 explainers, 2 at a time" in capsys.readouterr().out
+    for m in ("ppnet", "eppnet"):
+        for s in (0, 1):
+            a, b = (runs[w].root/"protonets"/m/f"seed{s}" for w in (1, 2))
+            for f in ("model.safetensors", "push.json"): assert (a/f).read_bytes() == (b/f).read_bytes(), (m, s, f)
+    assert set(run_train_explainers(runs[2], ["ppnet", "eppnet"], workers=2, progress=False).values()) == {"skipped"}
+
+
 def test_train_explainers_without_data_is_a_clear_error(tmp_path):
     run = RunDir(tmp_path/"r", get_profile("smoke"))
     with pytest.raises(FileNotFoundError, match="mri-protodiff data"): run_train_explainers(run, progress=False)
@@ -265,7 +322,8 @@ def test_quick_profile_explainers_are_accurate_on_the_phantom(tmp_path):
     One thread (set here) keeps it the same computation whatever the machine's core count.  Measured when
     written: test accuracy PPNet 0.955, EPPNet 0.946, ProtoPool 0.911 (224 test slices of 14 subjects; one subject
     moves it by up to 0.04, hence the 0.88 floor here -- 06_prototrain reports all three seeds at >= 0.906).  No
-    duplicated, dead or collapsed prototype.
+    duplicated, dead or collapsed prototype.  Re-measured with EPPNet on the k-means start too and ProtoPool's
+    orth_coef = 1.0 (the reference's weight): PPNet 0.955, EPPNet 0.911, ProtoPool 0.911, no duplicates.
     """
     from mri_protodiff.pipeline import run_data
     run = RunDir(tmp_path/"q", get_profile("quick"))
