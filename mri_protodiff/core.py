@@ -16,7 +16,8 @@ import mri_protodiff
 # %% auto #0
 __all__ = ['PAPER_TIMESTEPS', 'SECTIONS', 'seed_everything', 'get_device', 'DataSection', 'DiffusionSection', 'ExplainerSection',
            'FaithfulnessSection', 'GroundTruthSection', 'Profile', 'get_profile', 'atomic_write', 'write_json',
-           'read_json', 'hash_inputs', 'hash_file', 'environment_info', 'git_info', 'StageError', 'RunDir', 'open_run']
+           'read_json', 'hash_inputs', 'hash_file', 'environment_info', 'git_info', 'StageError', 'ProfileMismatch',
+           'RunDir', 'open_run']
 
 # %% ../nbs/00_core.ipynb #3b85f96e
 def seed_everything(
@@ -376,6 +377,12 @@ def git_info(path:str|Path=".") -> dict:
 class StageError(RuntimeError):
     "A stage finished without producing what it promised."
 
+class ProfileMismatch(ValueError):
+    "A run directory opened with another profile than the one it was made with; `advice` says what to do (CLI flags by default)."
+    def __init__(self, path, changed:Sequence[str], advice:str="use a new --out folder or --force"):
+        self.path, self.changed = Path(path), list(changed)
+        super().__init__(f"{self.path}: this run was made with another profile (fields differ: {self.changed}); {advice}")
+
 # %% ../nbs/00_core.ipynb #a58592f2
 class RunDir:
     "A run directory `runs/<name>/` with its `manifest.json`."
@@ -391,8 +398,7 @@ class RunDir:
             if "profile" in m and m["profile"] != profile.to_dict() and not overwrite_profile:
                 old = Profile.from_dict(m["profile"]).flat()
                 changed = sorted(k for k, v in profile.flat().items() if old.get(k) != v)
-                raise ValueError(f"{self.manifest_path}: this run was made with another profile "
-                                 f"(fields differ: {changed}); use a new --out folder or --force")
+                raise ProfileMismatch(self.manifest_path, changed)
             m["profile"] = profile.to_dict()
         m.setdefault("created", _now())
         m["environment"], m["git"] = environment_info(), git_info(_package_dir())

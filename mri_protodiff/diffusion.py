@@ -24,12 +24,13 @@ from .data import SliceSet, load_sliceset, phantom_sliceset
 # %% auto #0
 __all__ = ['CONDITIONINGS', 'MIN_SNR_GAMMA', 'ADAM_BETAS', 'ADAM_WEIGHT_DECAY', 'KEEP_CHECKPOINTS', 'GPU_FAST_MIN_PARAMS',
            'GPU_TRAIN_CHANNELS_LAST', 'GPU_SAMPLE_CHANNELS_LAST', 'GPU_SAMPLE_BF16', 'RESIDENT_BYTES',
-           'LOSS_SYNC_EVERY', 'WEIGHTS_NAME', 'SAMPLERS', 'unet_config', 'build_unet', 'make_scheduler', 'mask_channel',
-           'model_conditioning', 'check_compatible', 'min_snr_weights', 'TrainingDiverged', 'batch_indices',
-           'make_accelerator', 'save_checkpoint', 'list_checkpoints', 'load_checkpoint', 'TrainResult', 'MaskChannel',
-           'train_diffusion', 'save_diffusion', 'load_diffusion', 'initial_noise', 'sampling_scheduler', 'model_input',
-           'predict_noise', 'to_epsilon', 'denoise_loop', 'generate', 'sample_seeds', 'choose_test_slices',
-           'TestConditioning', 'test_conditioning', 'image_grid', 'benchmark_diffusion', 'format_benchmark']
+           'LOSS_SYNC_EVERY', 'LOSS_WINDOW', 'WEIGHTS_NAME', 'SAMPLERS', 'unet_config', 'build_unet', 'make_scheduler',
+           'mask_channel', 'model_conditioning', 'check_compatible', 'min_snr_weights', 'TrainingDiverged',
+           'batch_indices', 'make_accelerator', 'save_checkpoint', 'list_checkpoints', 'load_checkpoint', 'TrainResult',
+           'MaskChannel', 'train_diffusion', 'save_diffusion', 'load_diffusion', 'initial_noise', 'sampling_scheduler',
+           'model_input', 'predict_noise', 'to_epsilon', 'denoise_loop', 'generate', 'sample_seeds',
+           'choose_test_slices', 'TestConditioning', 'test_conditioning', 'image_grid', 'benchmark_diffusion',
+           'format_benchmark']
 
 # %% ../nbs/04_diffusion.ipynb #24a94b4d
 CONDITIONINGS = ("mask", "none")
@@ -315,6 +316,7 @@ class MaskChannel:
 RESIDENT_BYTES = 2**31    # training data up to this size is held as one tensor on the training device
 
 LOSS_SYNC_EVERY = 25      # on a GPU, read the loss back (and check it for NaN) every this many steps
+LOSS_WINDOW = 50          # steps averaged in the progress bar's loss and in the reported final loss (one number, one meaning)
 
 class _MaskBatch:
     "MaskChannel held as uint8 on the device; indexing gives the float channel, computed exactly as `mask_channel` does."
@@ -413,7 +415,7 @@ def train_diffusion(
                                        f"Lower learning_rate (now {profile.diffusion.learning_rate}) or check the data.")
             losses.append(v)
         pending.clear()
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{np.mean(losses[-LOSS_WINDOW:]):.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}", refresh=False)
 
     bar = tqdm(total=steps, initial=start, desc="train-diffusion", unit="step", disable=not (progress and acc.is_main_process),
                dynamic_ncols=True, leave=True)

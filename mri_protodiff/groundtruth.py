@@ -19,7 +19,8 @@ from safetensors.torch import save_file, load_file
 from .core import (Profile, RunDir, get_profile, get_device, write_json, read_json, hash_inputs, hash_file,
                                 atomic_write, open_run)
 from .data import SliceSet, load_sliceset, phantom_sliceset
-from .diffusion import build_unet, make_scheduler, train_diffusion, generate, save_diffusion, load_diffusion, mask_channel
+from .diffusion import (build_unet, make_scheduler, train_diffusion, generate, save_diffusion, load_diffusion, mask_channel,
+                                     LOSS_WINDOW)
 from .stats import summarize, bootstrap_ci, format_mean_sd, markdown_table, write_table
 from .trajectory import unet_features
 from .protonets import ExplainerConfig
@@ -715,7 +716,7 @@ def _stage_whole(ctx:_Ctx, data:GTData, name:str, force:bool) -> str:
         write_json(folder/"training.json", dict(losses=res.losses, seconds=res.seconds, steps_per_s=res.steps_per_s))
         shutil.rmtree(folder/"checkpoints", ignore_errors=True)
         return dict(steps=cfg.train_steps, prediction_type=cfg.prediction_type, seconds=round(res.seconds, 2),
-                    steps_per_s=round(res.steps_per_s, 3), final_loss=float(np.mean(res.losses[-20:])))
+                    steps_per_s=round(res.steps_per_s, 3), final_loss=float(np.mean(res.losses[-LOSS_WINDOW:])))
     return ctx.run.run_stage(f"{ctx.rel}/{name}", work, dict(base=ctx.base_hash, cfg=cfg.to_dict()),
                              [f"{ctx.rel}/{name}/unet/config.json", f"{ctx.rel}/{name}/training.json"], force=force)
 
@@ -848,7 +849,7 @@ def _stage_model(ctx:_Ctx, data:GTData, rows:Sequence[int], force:bool) -> str:
         else:
             unet, sched, res = train_gt_model(data, rows, ctx.cfg, ctx.run.profile, _init_state(ctx), folder/"checkpoints",
                                               ctx.device, ctx.progress)
-            info = dict(seconds=round(res.seconds, 2), resumed_from=res.resumed_from, final_loss=float(np.mean(res.losses[-20:])))
+            info = dict(seconds=round(res.seconds, 2), resumed_from=res.resumed_from, final_loss=float(np.mean(res.losses[-LOSS_WINDOW:])))
         ev = evaluate_model(unet, sched, probe, ctx.cfg.sample_steps)
         _save_npz(folder/"result.npz", regen=ev["regen"], output=ev["output"], rows=rows)
         shutil.rmtree(folder/"checkpoints", ignore_errors=True)

@@ -14,14 +14,14 @@ import pandas as pd
 import torch
 
 from .core import (Profile, RunDir, get_profile, get_device, open_run, hash_file, hash_inputs, write_json, read_json,
-                                atomic_write)
+                                atomic_write, ProfileMismatch)
 from .stages import STAGES, Stage, get_stage
 from .phantom import LABELS
 from .data import load_sliceset, CACHE_FILES
 from .readers import parse_source, build_cache, source_fingerprint
 from .diffusion import (SAMPLERS, WEIGHTS_NAME, MaskChannel, build_unet, make_scheduler,
                                      train_diffusion, save_diffusion, load_diffusion, check_compatible, generate, test_conditioning,
-                                     image_grid, mask_channel, model_conditioning, _save_png, _save_npz)
+                                     image_grid, mask_channel, model_conditioning, _save_png, _save_npz, LOSS_WINDOW)
 from .trajectory import record_trajectory, unet_features
 from .protonets import METHODS, ExplainerConfig
 from .prototrain import (explainer_labels, pixel_features, plan_from_profile, train_one, load_explainer)
@@ -33,10 +33,11 @@ from . import faithfulness as faith
 from . import groundtruth as gt
 
 # %% auto #0
-__all__ = ['DATA_PROFILE_FIELDS', 'DIFFUSION_FIELDS', 'TRAIN_VERSION', 'stage_table', 'require', 'stage_outputs', 'run_data',
-           'run_train_diffusion', 'run_sample', 'run_trajectory', 'explainer_workers', 'run_train_explainers',
-           'write_summary', 'run_explanations', 'run_image_quality', 'faithfulness_records_for_run', 'run_faithfulness',
-           'run_groundtruth', 'profile_overrides', 'open_experiment', 'run_stage_command']
+__all__ = ['DATA_PROFILE_FIELDS', 'DIFFUSION_FIELDS', 'TRAIN_VERSION', 'NOTEBOOK_ADVICE', 'stage_table', 'require',
+           'stage_outputs', 'run_data', 'run_train_diffusion', 'run_sample', 'run_trajectory', 'explainer_workers',
+           'run_train_explainers', 'write_summary', 'run_explanations', 'run_image_quality',
+           'faithfulness_records_for_run', 'run_faithfulness', 'run_groundtruth', 'profile_overrides',
+           'open_experiment', 'experiment_inputs', 'run_stage_command']
 
 # %% ../nbs/15_pipeline.ipynb #ef37e912
 def stage_table() -> pd.DataFrame:
@@ -131,7 +132,7 @@ def run_train_diffusion(
                               tag=hash_inputs(inputs), progress=progress, device=device)
         summary = dict(steps=len(res.losses), resumed_from=res.resumed_from, seconds=round(res.seconds, 2),
                        steps_per_s=round(res.steps_per_s, 3), num_processes=res.num_processes,
-                       final_loss=float(np.mean(res.losses[-50:])), parameters=sum(p.numel() for p in unet.parameters()))
+                       final_loss=float(np.mean(res.losses[-LOSS_WINDOW:])), parameters=sum(p.numel() for p in unet.parameters()))
         if _rank() == 0:
             save_diffusion(folder, res.ema_unet.cpu(), sched, raw_unet=res.unet.cpu(), info=dict(info, source="trained"))
             write_json(folder/"training.json", dict(summary, losses=res.losses, min_snr_gamma=prof.diffusion.min_snr_gamma))
@@ -516,15 +517,28 @@ def profile_overrides(prof:Profile) -> dict:
     except ValueError: base = {}
     return {k: v for k, v in prof.flat().items() if k != "name" and base.get(k) != v}
 
+NOTEBOOK_ADVICE = ('as notebook (papermill) parameters: profile="" keeps the run\'s recorded profile and overrides="{}" changes '
+                   'nothing (-p profile "" -p overrides "{}"), or set run_dir to a new folder')
+
 def open_experiment(
     run_dir:str|Path, # the `run_dir` parameter
-    profile:str="quick", # the `profile` parameter
+    profile:str="", # the `profile` parameter: a profile name, or "" for the run's recorded profile (quick for a new run)
     overrides:str|dict="{}", # the `overrides` parameter (a JSON object as text)
 ) -> RunDir:
-    "The run directory an experiment notebook works in, opened with the profile `reproduce` passed."
+    "The run directory an experiment notebook works in, opened with the profile `reproduce` passed (or the run's own)."
     ov = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
     if not isinstance(ov, dict): raise ValueError(f"overrides must be a JSON object, got {overrides!r}")
-    return open_run(run_dir, profile, ov)
+    try: return open_run(run_dir, profile or None, ov)
+    except ProfileMismatch as e: raise ProfileMismatch(e.path, e.changed, NOTEBOOK_ADVICE) from None
+
+def experiment_inputs(
+    run:RunDir, # from `open_experiment`
+    data:str="", # the `data` parameter ("": the run's recorded source, phantom for a new run)
+    diffusion:str="", # the `diffusion` parameter ("": the run's recorded checkpoint, if any; else train)
+) -> tuple[str, str]:
+    "The notebook parameters `data` and `diffusion`, with '' replaced by what the run recorded."
+    rec = lambda stage, key: ((run.manifest.get("stages", {}).get(stage) or {}).get("params") or {}).get(key)
+    return data or rec("data", "source") or "phantom", diffusion or rec("train-diffusion", "checkpoint") or ""
 
 # %% ../nbs/15_pipeline.ipynb #c2f95ba7
 def _report(run:RunDir, name:str, status) -> str:

@@ -12,12 +12,13 @@ from typing import Sequence
 import nbformat
 from .core import RunDir, open_run, hash_file, hash_inputs, atomic_write, _package_dir
 from .pipeline import profile_overrides
+from .viz import PNG_HELP
 
 # %% auto #0
 __all__ = ['OPTIONAL_NOTEBOOKS', 'NOTEBOOK_PARAMETERS', 'QUARTO_HEADER', 'repo_dir', 'experiments_dir', 'list_notebooks',
-           'NotebookError', 'run_notebook', 'notebook_parameters', 'previous_sources', 'reproduce', 'print_tables',
-           'clean_notebook', 'notebook_title', 'quarto_config', 'write_quarto_yml', 'SitePage', 'SiteResult',
-           'library_notebooks', 'build_site']
+           'NotebookError', 'run_notebook', 'notebook_parameters', 'previous_sources', 'reproduce',
+           'figures_without_png', 'print_tables', 'clean_notebook', 'notebook_title', 'quarto_config',
+           'write_quarto_yml', 'SitePage', 'SiteResult', 'library_notebooks', 'build_site']
 
 # %% ../nbs/16_reproduce.ipynb #35d4340c
 OPTIONAL_NOTEBOOKS = ("07_groundtruth",)  # experiment notebooks `reproduce` runs only when asked (`--groundtruth`)
@@ -47,7 +48,7 @@ def list_notebooks(
                   if p.is_file() and not p.name.startswith((".", "_")) and "-checkpoint" not in p.name)
 
 # %% ../nbs/16_reproduce.ipynb #e2cd1a2f
-NOTEBOOK_PARAMETERS = dict(profile="quick", run_dir="runs/default", data="phantom", diffusion="", overrides="{}", force=False)
+NOTEBOOK_PARAMETERS = dict(profile="", run_dir="runs/default", data="", diffusion="", overrides="{}", force=False)   # the notebooks' defaults
 
 # %% ../nbs/16_reproduce.ipynb #d0aeb256
 class NotebookError(RuntimeError):
@@ -156,6 +157,10 @@ def reproduce(
                   + (f" in {time.time() - t0:.1f} s" if status[src.name] == "done" else ""), file=file)
     bar.close()
     if left: print(f"not run (add --groundtruth): {', '.join(left)}", file=file)
+    html_only = figures_without_png(run)
+    if html_only:   # the notebooks only warn inside their outputs: say it where the user is looking
+        print(f"figures: {len(html_only)} written as HTML only, without PNG ({', '.join(html_only[:4])}"
+              f"{', ...' if len(html_only) > 4 else ''}): {PNG_HELP}", file=file)
     print_tables(run, file=file)
     if site:
         res = build_site(run)
@@ -163,6 +168,11 @@ def reproduce(
     else:
         print(f"site: not built; run `mri-protodiff site --out {run.root}`", file=file)
     return status
+
+def figures_without_png(run:RunDir|str|Path) -> list[str]:
+    "Names of the run's figures that have an HTML file but no PNG (no browser for kaleido when they were written)."
+    folder = Path(run.root if isinstance(run, RunDir) else run)/"figures"
+    return sorted(p.stem for p in folder.glob("*.html") if not p.with_suffix(".png").exists()) if folder.is_dir() else []
 
 def print_tables(run:RunDir, names:Sequence[str]=("image_quality", "faithfulness", "groundtruth"), file=None) -> None:
     "Print run/tables/<name>.md for each name that exists."

@@ -39,7 +39,8 @@ def experiments(tmp_path):
             "(run/'tables').mkdir(exist_ok=True)\n"
             "(run/'tables'/'image_quality.md').write_text('| metric | value |\\n|---|---|\\n| PSNR (dB) | %d |' % run.profile.diffusion.train_steps)")
     make_nb(exp/"02_paper.ipynb", PARAMS, LOG.format(name="02_paper"),
-            "from pathlib import Path\n(Path(run_dir)/'tables'/'faithfulness.md').write_text('| method | r |\\n|---|---|\\n| EPPNet | 0.15 |')")
+            "from pathlib import Path\n(Path(run_dir)/'tables'/'faithfulness.md').write_text('| method | r |\\n|---|---|\\n| EPPNet | 0.15 |')\n"
+            "(Path(run_dir)/'figures').mkdir(exist_ok=True); (Path(run_dir)/'figures'/'demo_figure.html').write_text('<html></html>')")
     (exp/"_scratch.ipynb").write_text("not a notebook")   # ignored: leading underscore
     return exp
 
@@ -90,6 +91,8 @@ def test_reproduce_runs_notebooks_in_order_with_parameters(experiments, tmp_path
     # the two tables are printed at the end, and where the site would be
     assert "| PSNR (dB) | 7 |" in out and "| EPPNet | 0.15 |" in out and "mri-protodiff site --out" in out
     assert "01_data.ipynb: done" in out
+    # a figure without its PNG (no browser for kaleido) is said in the terminal, not only inside the notebook
+    assert "1 written as HTML only, without PNG (demo_figure)" in out and "Chromium" in out
 
     # same inputs (profile, --data, --checkpoint are remembered by the run): nothing runs
     rc, out, _ = run_main("reproduce", "--out", run, "--notebooks", experiments, "--no-site")

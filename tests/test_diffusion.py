@@ -1,7 +1,7 @@
 """The diffusion chapter: diffusers round trip, seeded sampling, kill + resume (a real SIGKILL of a subprocess), two-process
 training (torchrun, Accelerate MULTI_CPU), user checkpoints, and the bad-input battery (missing files, channel/size mismatch,
 NaN loss, GPU out of memory)."""
-import json, os, shutil, signal, subprocess, sys, time, textwrap
+import json, os, re, shutil, signal, subprocess, sys, time, textwrap
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +202,18 @@ def test_two_processes_train_like_one(tmp_path, data_run):
     np.testing.assert_allclose(l2, l1, rtol=1e-4)     # the same global batches, split over two processes
     w1, w2 = load_file(one/"diffusion"/"unet_raw"/D.WEIGHTS_NAME), load_file(two/"diffusion"/"unet_raw"/D.WEIGHTS_NAME)
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 0.02   # Adam turns rounding of near-zero gradients into <= lr-sized steps
+
+
+def test_reported_final_loss_is_the_loss_the_bar_showed(tmp_path, data_run, capsys):
+    "One window (diffusion.LOSS_WINDOW) for the progress bar's loss and the stage's final loss: the two numbers agree."
+    run = copy_run(data_run, tmp_path/"run")
+    P.run_train_diffusion(run, progress=True)
+    shown = re.findall(r"loss=([0-9.]+)", capsys.readouterr().err)
+    assert shown, "the progress bar showed no loss"
+    s = run.stage("train-diffusion")["summary"]
+    losses = json.loads((run/"diffusion"/"training.json").read_text())["losses"]
+    assert s["final_loss"] == pytest.approx(np.mean(losses[-D.LOSS_WINDOW:]))
+    assert shown[-1] == f"{s['final_loss']:.4f}"
 
 
 # --- a user's checkpoint instead of training -----------------------------------------------------------------------

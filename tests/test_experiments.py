@@ -95,7 +95,8 @@ def test_every_notebook_executed(run_a):
         snb = nbformat.read(src, as_version=4)
         assert snb.metadata.get("kernelspec", {}).get("name") == "python3", f"{src.name}: no python3 kernelspec"
         pcell = next(c for c in snb.cells if "parameters" in c.metadata.get("tags", []))
-        assert all(re.search(rf"^{k}\s*=", pcell.source, re.M) for k in PARAMETERS), f"{src.name}: parameters cell lacks {PARAMETERS}"
+        assert all(re.search(rf"^{k}\s*(:\s*\w+\s*)?=.*#\s*\S", pcell.source, re.M) for k in PARAMETERS), \
+            f"{src.name}: parameters cell lacks {PARAMETERS}, each with a type and a comment (papermill --help-notebook shows both)"
         assert "pipeline.open_experiment(run_dir, profile, overrides)" in "".join(c.source for c in snb.cells), src.name
         assert not any("fig.show()" in c.source for c in snb.cells if c.cell_type == "code"), f"{src.name}: use viz.show(fig)"
 

@@ -62,8 +62,11 @@ def test_denoise_from_recorded_x_t_reproduces_the_final_image(model, trajs):
     for k, t in enumerate(short[0].timesteps):
         out = T.denoise_from(unet, sched, np.stack([tr.x_t[k] for tr in short]), int(t), cond, steps=20)
         np.testing.assert_allclose(out, np.stack([tr.final for tr in short]), atol=1e-6, err_msg=f"t={t}")
+    # one image at a time vs the batch of three it was recorded in: another batch size may sum in another order
+    # (a CPU with AVX-512 failed this at atol 1e-6), and 200 DDIM steps accumulate float32 rounding -- 1e-4 is
+    # rounding's reach, far below any real difference (a perturbed x_t moves the output by > 1e-2, next test)
     out = T.denoise_from(unet, sched, torch.as_tensor(trajs[0].x_t[4:5]), 555, cond[:1], steps=200, batch_size=1)
-    assert isinstance(out, torch.Tensor) and torch.allclose(out, torch.as_tensor(finals[:1]), atol=1e-6)
+    assert isinstance(out, torch.Tensor) and torch.allclose(out, torch.as_tensor(finals[:1]), atol=1e-4)
 
 
 def test_perturbing_x_t_changes_the_output_and_off_grid_timesteps_work(model, trajs):
