@@ -91,8 +91,11 @@ def explainer_labels(
     counts = np.bincount(lab.train[lab.train >= 0], minlength=lab.n_classes)
     if len(counts) > lab.n_classes: raise ValueError(f"labels {source!r} go up to {len(counts) - 1}, expected < {lab.n_classes}")
     empty = [lab.names[c] for c in range(lab.n_classes) if counts[c] == 0]
-    if empty: raise ValueError(f"label source {source!r}: no training slice of class(es) {empty}; "
-                               f"the explainers need every class in the TRAIN split")
+    if empty:
+        hint = ("; data without density / lesion labels can use k-means pseudo-classes: --set label_source=kmeans "
+                "(papermill: -p overrides '{\"label_source\": \"kmeans\"}')" if source != "kmeans" else "")
+        raise ValueError(f"label source {source!r}: no training slice of class(es) {empty}; "
+                         f"the explainers need every class in the TRAIN split{hint}")
     lab.info.update(train_counts=counts.tolist(), unknown_train=int((lab.train < 0).sum()))
     return lab
 
