@@ -25,8 +25,8 @@ from .diffusion import load_diffusion
 # %% auto #0
 __all__ = ['PAPER_FAITHFULNESS', 'PAPER_RULES', 'PAPER_KMEANS_K', 'PAPER_KMEANS_SEED', 'FINAL_TIMESTEP', 'FULL_NIS_TEMPERATURE',
            'KEYS', 'paper_references', 'paper_nis', 'paper_faithfulness', 'paper_features', 'paper_faithfulness_table',
-           'prototype_sources', 'nis_from_evidence', 'Influence', 'prototype_evidence', 'explainer_nis', 'class_nis',
-           'source_train_classes', 'evidence_shares', 'full_nis', 'train_similarities', 'explainer_full_nis',
+           'prototype_sources', 'evidence_shares', 'nis_from_evidence', 'Influence', 'prototype_evidence',
+           'explainer_nis', 'class_nis', 'source_train_classes', 'full_nis', 'train_similarities', 'explainer_full_nis',
            'trajectory_nis', 'explanation_frame', 'class_frame', 'write_explanations', 'read_full_nis',
            'read_explanations', 'nis_summary', 'support_summary', 'push_nis_arrays', 'explainer_dirs', 'load_samples',
            'explain_samples', 'load_trajectory_arrays', 'trajectory_ids', 'explain_trajectories', 'paper_scores']
@@ -126,6 +126,18 @@ def prototype_sources(
     return src, cls
 
 # %% ../nbs/10_influence.ipynb #24e8d00f
+def evidence_shares(
+    evidence:np.ndarray, # (N, P) signed evidence for the explained class
+    mask:np.ndarray|None=None, # (P,) prototypes that count (default: every one)
+) -> tuple[np.ndarray, np.ndarray]:
+    "(share (N, P), no_positive_evidence (N,)): clipped evidence of the counted prototypes, normalised; equal shares where none is positive."
+    e = np.clip(np.asarray(evidence, dtype=np.float64), 0, None)
+    if e.ndim != 2: raise ValueError(f"evidence must be (N, P), got shape {e.shape}")
+    m = np.ones(e.shape[1]) if mask is None else np.asarray(mask, dtype=np.float64)
+    pos = e * m
+    tot = pos.sum(1, keepdims=True); none = tot[:, 0] <= 0
+    return np.where(none[:, None], m / m.sum(), pos / np.where(tot > 0, tot, 1)), none
+
 def nis_from_evidence(
     evidence:np.ndarray, # (N, P) signed evidence of each prototype for the explained class
     source_index:np.ndarray, # (P,) training image each prototype was pushed onto (-1: none)
@@ -138,10 +150,7 @@ def nis_from_evidence(
     if src.max(initial=-1) >= n_train: raise ValueError(f"source_index {src.max()} is out of range for n_train={n_train}")
     has = src >= 0
     if not has.any(): raise ValueError("no prototype has a push record with a source_index: push the explainer first")
-    pos = np.clip(e, 0, None) * has
-    tot = pos.sum(1, keepdims=True)
-    none = tot[:, 0] <= 0
-    share = np.where(none[:, None], has / has.sum(), pos / np.where(tot > 0, tot, 1))
+    share, none = evidence_shares(e, has)
     onehot = np.zeros((len(src), n_train)); onehot[np.flatnonzero(has), src[has]] = 1.0   # (P, n_train)
     return share @ onehot, share, none
 
@@ -228,14 +237,6 @@ def source_train_classes(
 # %% ../nbs/10_influence.ipynb #3c8d7a52
 FULL_NIS_TEMPERATURE = 1.0   # tau of the full-support NIS softmax (the paper's NIS uses 1 in UNet features)
 
-def evidence_shares(
-    evidence:np.ndarray, # (N, P) signed evidence for the explained class
-) -> tuple[np.ndarray, np.ndarray]:
-    "(share (N, P), no_positive_evidence (N,)): clipped evidence over every prototype, normalised; equal shares where none is positive."
-    e = np.clip(np.asarray(evidence, dtype=np.float64), 0, None)
-    if e.ndim != 2: raise ValueError(f"evidence must be (N, P), got shape {e.shape}")
-    tot = e.sum(1, keepdims=True); none = tot[:, 0] <= 0
-    return np.where(none[:, None], 1.0 / e.shape[1], e / np.where(tot > 0, tot, 1)), none
 
 def full_nis(
     evidence:np.ndarray, # (N, P) evidence of the generated images (`prototype_evidence`)
