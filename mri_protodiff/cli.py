@@ -83,6 +83,14 @@ BENCHES = {
                    opt("--images", type=int, default=16, help="images per DDIM run (default 16)"),
                    opt("--ddim-steps", type=int, default=None, help="DDIM steps (default: the profile's sample_steps)"),
                    opt("--repeats", type=int, default=3, help="alternating repeats; the median ratio is reported (default 3)"))),
+    "ensemble": ("many small diffusion models trained as one batch (train_ensemble) against one at a time (train_diffusion) (chapter diffusion)",
+                 (opt("--profile", default="quick", choices=PROFILE_NAMES, help="profile for the training settings; the UNet and batch are the "
+                      "ground-truth size (16x16, UNet 16,32,32, batch 16) unless --set changes them (default: quick)"),
+                  opt("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help="override a profile field (repeatable)"),
+                  opt("--models", type=int, default=16, help="models trained both ways (default 16)"),
+                  opt("--train-steps", type=int, default=30, help="training steps of every model (default 30)"),
+                  opt("--images", type=int, default=64, help="training images; each model trains on about half of them (default 64)"),
+                  opt("--ensemble-size", type=int, default=None, help="models per batch (default: diffusion.ENSEMBLE_SIZE)"))),
     "push": ("the batched push against a per-prototype reference loop (chapter prototrain)",
              (opt("--n-images", type=int, default=2000, help="training images to push over (default 2000)"),
               opt("--image-size", type=int, default=64, help="image side in pixels (default 64)"),
@@ -103,8 +111,8 @@ BENCHES = {
 }
 
 def add_bench_command(sub) -> None:
-    "Add `bench phantom|diffusion|push|faithfulness`."
-    b = sub.add_parser("bench", help="speed against a reference measured in the same run (phantom, diffusion, push, faithfulness)",
+    "Add `bench phantom|diffusion|ensemble|push|faithfulness`."
+    b = sub.add_parser("bench", help="speed against a reference measured in the same run (phantom, diffusion, ensemble, push, faithfulness)",
                        description="Time one part of the package against a reference implementation in the same process and print the ratio.")
     bs = b.add_subparsers(dest="bench", metavar="WHAT", required=True)
     for name, (help, options) in BENCHES.items():
@@ -132,6 +140,11 @@ def _cmd_bench(args) -> int:
         res = benchmark_diffusion(get_profile(args.profile, **parse_overrides(args.overrides)), args.train_steps, args.images,
                                   args.ddim_steps, args.repeats, args.device)
         print(format_benchmark(res)); ok = True
+    elif args.bench == "ensemble":
+        from mri_protodiff.diffusion import benchmark_ensemble, format_ensemble_benchmark, ENSEMBLE_BENCH_SIZES, ENSEMBLE_SIZE
+        prof = get_profile(args.profile, **{**ENSEMBLE_BENCH_SIZES, **parse_overrides(args.overrides)})
+        res = benchmark_ensemble(prof, args.models, args.train_steps, args.images, args.ensemble_size or ENSEMBLE_SIZE, args.device)
+        print(format_ensemble_benchmark(res)); ok = True
     elif args.bench == "push":
         from mri_protodiff.prototrain import push_benchmark
         rb = tuple(args.batch_size if b == 64 else b for b in args.reference_batches)

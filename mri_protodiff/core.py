@@ -148,23 +148,23 @@ class FaithfulnessSection:
 
 # %% ../nbs/00_core.ipynb #509ba5c2
 def _gt_minimal() -> dict:
-    "The minimal ground-truth version's sizes (CPU-sized; `image_size` is a ceiling, `n_generated` is twice the profile's)."
-    return dict(image_size=32, unet_channels=(16, 32, 32), layers_per_block=1, attention_levels=(), batch_size=16,
-                learning_rate=2e-3, ema_decay=0.99, max_unique=128, n_counterfactual=2, sample_steps=25,
-                output_draws=8, trak_draws=4, proj_dim=64, copy_fpr=0.01)
+    "The minimal ground-truth version's sizes (CPU-sized; `image_size` is a ceiling, `n_generated` is twice the profile's, the probe's 4x that)."
+    return dict(image_size=16, unet_channels=(16, 32, 32), layers_per_block=1, attention_levels=(), batch_size=16,
+                learning_rate=2e-3, ema_decay=0.99, max_unique=128, n_counterfactual=10, sample_steps=25,
+                output_draws=8, trak_draws=4, proj_dim=64, copy_fpr=0.01, ensemble_size=32)
 
 def _gt_full() -> dict:
     "The full version's sizes beside the run's own (None: the profile's value)."
     return dict(max_unique=0, n_generated=None, n_counterfactual=10, sample_steps=None, output_draws=16, trak_draws=8,
-                proj_dim=1024, copy_fpr=0.01)
+                proj_dim=1024, copy_fpr=0.01, probe_generated=None, ensemble_size=4)
 
 @dataclass
 class GroundTruthSection:
     "Counterfactual retraining: planted copies, removals, LDS subsets, model sizes, and the two versions' sizes."
-    gt_planted:int = 3
-    gt_copies:int = 30
+    gt_planted:int = 12                # planted images (>= 10: recovery CIs resample them)
+    gt_copies:int = 10
     gt_topk:int = 20
-    gt_subsets:int = 8
+    gt_subsets:int = 64                # LDS subset models (D-TRAK: 64-100)
     gt_train_steps:int = 200
     gt_probe_steps:int = 3000          # the memorisation-probe model trains this long (it must reproduce the planted images)
     gt_minimal:dict = field(default_factory=_gt_minimal)  # chapter groundtruth, version "minimal"

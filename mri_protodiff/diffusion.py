@@ -13,8 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from safetensors import safe_open
 from safetensors.torch import save_file, load_file
+from torch.func import functional_call, vmap
 from diffusers import UNet2DModel, DDPMScheduler, DDIMScheduler, DDPMPipeline
+from diffusers.models.attention_processor import AttnProcessor
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from .core import (Profile, DiffusionSection, RunDir, get_profile, get_device, write_json, read_json, hash_inputs, hash_file,
@@ -24,13 +29,15 @@ from .data import SliceSet, load_sliceset, phantom_sliceset
 # %% auto #0
 __all__ = ['CONDITIONINGS', 'MIN_SNR_GAMMA', 'ADAM_BETAS', 'ADAM_WEIGHT_DECAY', 'KEEP_CHECKPOINTS', 'GPU_FAST_MIN_PARAMS',
            'GPU_TRAIN_CHANNELS_LAST', 'GPU_SAMPLE_CHANNELS_LAST', 'GPU_SAMPLE_BF16', 'RESIDENT_BYTES',
-           'LOSS_SYNC_EVERY', 'LOSS_WINDOW', 'WEIGHTS_NAME', 'SAMPLERS', 'unet_config', 'build_unet', 'make_scheduler',
-           'mask_channel', 'model_conditioning', 'check_compatible', 'min_snr_weights', 'TrainingDiverged',
-           'batch_indices', 'make_accelerator', 'save_checkpoint', 'list_checkpoints', 'load_checkpoint', 'TrainResult',
-           'MaskChannel', 'train_diffusion', 'save_diffusion', 'load_diffusion', 'initial_noise', 'sampling_scheduler',
-           'model_input', 'predict_noise', 'to_epsilon', 'denoise_loop', 'generate', 'sample_seeds',
-           'choose_test_slices', 'TestConditioning', 'test_conditioning', 'image_grid', 'benchmark_diffusion',
-           'format_benchmark']
+           'LOSS_SYNC_EVERY', 'LOSS_WINDOW', 'WEIGHTS_NAME', 'SAMPLERS', 'ENSEMBLE_SIZE', 'EVAL_MODEL_IMAGES',
+           'ENSEMBLE_BENCH_SIZES', 'unet_config', 'build_unet', 'make_scheduler', 'mask_channel', 'model_conditioning',
+           'check_compatible', 'min_snr_weights', 'TrainingDiverged', 'batch_indices', 'make_accelerator',
+           'save_checkpoint', 'list_checkpoints', 'load_checkpoint', 'TrainResult', 'MaskChannel', 'train_diffusion',
+           'save_diffusion', 'load_diffusion', 'initial_noise', 'sampling_scheduler', 'model_input', 'predict_noise',
+           'to_epsilon', 'denoise_loop', 'generate', 'sample_seeds', 'choose_test_slices', 'TestConditioning',
+           'test_conditioning', 'image_grid', 'benchmark_diffusion', 'format_benchmark', 'ensemble_template',
+           'ensemble_forward', 'Ensemble', 'train_ensemble', 'training_target', 'ensemble_generate', 'ensemble_losses',
+           'benchmark_ensemble', 'format_ensemble_benchmark']
 
 # %% ../nbs/04_diffusion.ipynb #24a94b4d
 CONDITIONINGS = ("mask", "none")
@@ -841,3 +848,357 @@ def format_benchmark(res:dict) -> str:
             f"{res['image_size']}x{res['image_size']}, DDIM {res['ddim_steps']} steps x {res['n_images']} images, median of {res['repeats']})\n"
             f"  training: ours {t['ours']:.3f} steps/s, stock {t['stock']:.3f} steps/s, ratio {t['ratio']:.3f}\n"
             f"  DDIM:     ours {d['ours']:.3f} images/s, stock {d['stock']:.3f} images/s, ratio {d['ratio']:.3f}")
+
+# %% ../nbs/04_diffusion.ipynb #b3c5d7e9
+ENSEMBLE_SIZE = 32   # models per vmapped batch (best of 16/32/64 measured at the ground-truth size on 2 CPU cores)
+
+class _EnsembleConv(torch.autograd.Function):
+    "`conv2d` (zero padding, no dilation or groups) whose vmap rule runs M models' convolutions as one: the models side by side in the channels."
+    @staticmethod
+    def forward(x, w, b, stride, padding): return F.conv2d(x, w, b, stride, padding)
+    @staticmethod
+    def setup_context(ctx, inputs, output): pass
+    @staticmethod
+    def vmap(info, in_dims, x, w, b, stride, padding):
+        M, (dx, dw, db) = info.batch_size, in_dims[:3]
+        w = w.movedim(dw, 0) if dw is not None else w.expand(M, *w.shape)                   # (M, O, C, k, k)
+        if b is not None: b = b.movedim(db, 0) if db is not None else b.expand(M, *b.shape)  # (M, O)
+        O, C = w.shape[1:3]
+        if dx is None:                     # one input for every model: a plain convolution with M*O outputs
+            y = F.conv2d(x, w.flatten(0, 1), None if b is None else b.flatten(), stride, padding)
+            return y.unflatten(1, (M, O)), 1
+        x = x.movedim(dx, 1)                                                                 # (B, M, C, H, W)
+        if w.shape[-2:] == (1, 1) and tuple(stride) == (1, 1):                               # 1x1: a matmul per model
+            y = torch.matmul(w.flatten(2), x.flatten(3)).unflatten(3, x.shape[3:])
+            return (y if b is None else y + b[..., None, None]), 1
+        xi = x.reshape(x.shape[0], M * C, *x.shape[3:])
+        if O == 1:                         # one output channel: depthwise convolution, then the sum over the input channels
+            y = F.conv2d(xi, w.reshape(M * C, 1, *w.shape[3:]), None, stride, padding, 1, M * C).unflatten(1, (M, C)).sum(2, keepdim=True)
+            return (y if b is None else y + b[..., None, None]), 1
+        y = F.conv2d(xi, w.flatten(0, 1), None if b is None else b.flatten(), stride, padding, 1, M)
+        return y.unflatten(1, (M, O)), 1
+
+class _EnsembleGroupNorm(torch.autograd.Function):
+    "`group_norm` whose vmap rule normalises M models as one group norm with M times the groups."
+    @staticmethod
+    def forward(x, groups, w, b, eps): return F.group_norm(x, groups, w, b, eps)
+    @staticmethod
+    def setup_context(ctx, inputs, output): pass
+    @staticmethod
+    def vmap(info, in_dims, x, groups, w, b, eps):
+        M = info.batch_size
+        x = x.movedim(in_dims[0], 1) if in_dims[0] is not None else x.unsqueeze(1).expand(x.shape[0], M, *x.shape[1:])
+        per_model = lambda v, d: (v.movedim(d, 0) if d is not None else v.expand(M, *v.shape)).flatten()
+        y = F.group_norm(x.flatten(1, 2), M * groups, per_model(w, in_dims[2]), per_model(b, in_dims[3]), eps)
+        return y.unflatten(1, x.shape[1:3]), 1
+
+class _EnsConv2d(torch.nn.Conv2d):
+    def _conv_forward(self, input, weight, bias): return _EnsembleConv.apply(input, weight, bias, self.stride, self.padding)
+
+class _EnsGroupNorm(torch.nn.GroupNorm):
+    def forward(self, input): return _EnsembleGroupNorm.apply(input, self.num_groups, self.weight, self.bias, self.eps)
+
+def ensemble_template(
+    unet:UNet2DModel, # the architecture (only its config is read)
+) -> UNet2DModel:
+    "A weightless (meta-device) `UNet2DModel` of `unet`'s architecture to run stacked weights in: classic attention, convolutions and group norms with ensemble vmap rules."
+    with torch.device("meta"): t = UNet2DModel.from_config(unet.config)
+    for m in t.modules():
+        if hasattr(m, "set_processor"): m.set_processor(AttnProcessor())   # scaled_dot_product_attention has no vmap rule
+        if type(m) is torch.nn.Conv2d and m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros" and isinstance(m.padding, tuple):
+            m.__class__ = _EnsConv2d
+        elif type(m) is torch.nn.GroupNorm and m.affine: m.__class__ = _EnsGroupNorm
+    return t.eval()
+
+def ensemble_forward(
+    template:UNet2DModel, # from `ensemble_template`
+    params:dict, # name -> (M, ...) stacked weights (and buffers)
+    x:torch.Tensor, # (M, B, C, H, W) one input per model, or (B, C, H, W) shared by all
+    t:torch.Tensor, # (B,) timesteps, shared by all models
+) -> torch.Tensor:
+    "Every model's UNet output: (M, B, 1, H, W)."
+    f = lambda p, xx: functional_call(template, p, (xx, t)).sample
+    return vmap(f, in_dims=(0, 0 if x.ndim == 5 else None))(params, x)
+
+# %% ../nbs/04_diffusion.ipynb #e6f8a01c
+@dataclass
+class Ensemble:
+    "M diffusion models of one architecture, as `train_ensemble` returns them."
+    params:dict               # name -> (M, ...) EMA weights (the ones to sample with), stacked
+    template:UNet2DModel      # the weightless UNet they run in (`ensemble_template`)
+    losses:list               # M loss curves (loss per step)
+    seconds:float = 0.0       # wall time of the training call
+    def __len__(self): return len(next(iter(self.params.values())))
+    def unet(self, m:int) -> UNet2DModel:
+        "Model `m` as an ordinary `UNet2DModel` (eval mode, on the weights' device)."
+        u = UNet2DModel.from_config(self.template.config)
+        u.load_state_dict({k: v[m] for k, v in self.params.items()})
+        return u.to(next(iter(self.params.values())).device).eval()
+
+def _ensemble_rows(rows, n:int) -> list:
+    "`rows` checked (one 1-d integer array per model, at least 2 rows each, in 0..n-1), as int64 arrays."
+    if rows is None or len(rows) == 0: raise ValueError("rows is empty: give one array of training rows per model")
+    out = []
+    for m, r in enumerate(rows):
+        r = np.asarray(r)
+        if r.ndim != 1 or not (r.size == 0 or np.issubdtype(r.dtype, np.integer)):
+            raise ValueError(f"rows[{m}] must be a 1-d array of integer rows, got shape {r.shape}, dtype {r.dtype}")
+        if len(r) < 2: raise ValueError(f"rows[{m}] has {len(r)} training rows: a model needs at least 2")
+        if r.min() < 0 or r.max() >= n: raise ValueError(f"rows[{m}] has rows outside 0..{n - 1} (there are {n} images)")
+        out.append(r.astype(np.int64))
+    return out
+
+def _clip_per_model(params:list, max_norm:float):
+    "`clip_grad_norm_` per model: model m's gradient (row m of every tensor) times min(1, max_norm / (its global norm + 1e-6))."
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], 1)   # (M, tensors)
+    coef = (max_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp(max=1.0)
+    for g in grads: g.mul_(coef.view(-1, *[1] * (g.ndim - 1)))
+
+def _write_st(path:Path, tensors:dict, state:dict):
+    "Tensors as one safetensors file, written atomically, with the small `state` as JSON in its metadata."
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(state)})
+    os.replace(tmp, path)
+
+def _read_st(path:Path) -> tuple:
+    with safe_open(str(path), "pt") as f: return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["state"])
+
+# %% ../nbs/04_diffusion.ipynb #f7a9b12d
+def _train_chunk(template, init_state:dict, X, C, rows:list, scheduler, profile:Profile, gamma, dev, folder:Path|None, tag:str,
+                 bar, first:int, callback) -> tuple:
+    "Train the models with training rows `rows` (the first is model `first`) as one batch; returns (stacked EMA weights, loss curves)."
+    d, M = profile.diffusion, len(rows)
+    steps, B = d.train_steps, d.batch_size
+    names = [n for n, _ in template.named_parameters()]
+    stack = lambda v: v.detach().to(dev, torch.float32).unsqueeze(0).repeat(M, *[1] * v.ndim)
+    P = {n: stack(init_state[n]).requires_grad_() for n in names}
+    bufs = {n: stack(v) for n, v in init_state.items() if n not in P}
+    params = list(P.values())
+    opt = torch.optim.AdamW(params, lr=d.learning_rate, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, fused=dev.type in ("cpu", "cuda"))
+    lr_sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=d.warmup_steps, num_training_steps=steps)
+    ema = EMAModel(params, decay=d.ema_decay, foreach=True)
+    start, losses = 0, [[] for _ in rows]
+    if folder is not None:
+        if (folder/"done.safetensors").exists():
+            w, st = _read_st(folder/"done.safetensors")
+            if st["tag"] == tag:                                   # finished before: its result is kept
+                bar.update(steps)
+                return {k: v.to(dev) for k, v in w.items()}, st["losses"]
+        cks = sorted(folder.glob("step-*.safetensors"))
+        w, st = _read_st(cks[-1]) if cks else ({}, {})
+        if st.get("tag") == tag:
+            with torch.no_grad():
+                for n, p in P.items(): p.copy_(w[f"param.{n}"])
+            ema.load_state_dict({**st["ema"], "shadow_params": [w[f"ema.{n}"].to(dev) for n in names]})
+            groups = [{**g, "betas": tuple(g["betas"])} for g in st["opt_groups"]]
+            opt.load_state_dict(dict(param_groups=groups, state={i: {k: w[f"opt.{k}.{n}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+                                                                  for i, n in enumerate(names)}))
+            lr_sched.load_state_dict(st["lr_scheduler"])
+            start, losses = st["step"], st["losses"]
+            bar.update(start)
+        elif folder.exists(): shutil.rmtree(folder)                # another ensemble's checkpoints
+    acoef = scheduler.alphas_cumprod.to(dev)
+    sqa, sq1 = acoef.sqrt(), (1 - acoef).sqrt()
+    weight = min_snr_weights(scheduler, gamma).to(dev)
+    g = torch.Generator(device=dev)
+    for step in range(start, steps):
+        idx = torch.as_tensor(np.stack([r[batch_indices(profile.seed, step, B, len(r))] for r in rows]).ravel(), device=X.device)
+        x0 = X[idx].to(dev).unflatten(0, (M, B))                                   # (M, B, 1, H, W): each model its own images
+        g.manual_seed(_step_seed(profile.seed, step, 1))                           # the noise and timesteps of train_diffusion's step
+        noise = torch.randn((B, *x0.shape[2:]), generator=g, device=dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=g, device=dev)
+        xt = sqa[t].view(-1, 1, 1, 1) * x0 + sq1[t].view(-1, 1, 1, 1) * noise
+        inp = torch.cat([xt, C[idx].to(dev).unflatten(0, (M, B))], 2) if C is not None else xt
+        pred = ensemble_forward(template, {**P, **bufs}, inp, t)
+        if scheduler.config.prediction_type == "epsilon": target = noise.expand_as(x0)
+        else: target = scheduler.get_velocity(x0.flatten(0, 1), noise.repeat(M, 1, 1, 1), t.repeat(M)).view_as(x0)
+        loss = ((pred.float() - target).square().mean((2, 3, 4)) * weight[t]).mean(1)   # (M,): each model's train_diffusion loss
+        for j, v in enumerate(loss.detach().cpu().tolist()):
+            if not math.isfinite(v):
+                raise TrainingDiverged(f"model {first + j} (rows[{first + j}]): training loss became {v} at step {step + 1}; stopped. "
+                                       f"Lower learning_rate (now {d.learning_rate}) or check its training images.")
+            losses[j].append(v)
+        loss.sum().backward()                                                      # model m's gradient: that of its own loss
+        if d.grad_clip and d.grad_clip > 0: _clip_per_model(params, d.grad_clip)
+        opt.step(); lr_sched.step(); opt.zero_grad(set_to_none=True)
+        ema.step(params)
+        bar.update(1)
+        done = step + 1
+        if folder is not None and d.checkpoint_every > 0 and done % d.checkpoint_every == 0 and done < steps:
+            folder.mkdir(parents=True, exist_ok=True)
+            osd = opt.state_dict()
+            _write_st(folder/f"step-{done:06d}.safetensors",
+                      {**{f"param.{n}": P[n] for n in names}, **{f"ema.{n}": s for n, s in zip(names, ema.shadow_params)},
+                       **{f"opt.{k}.{n}": osd["state"][i][k] for i, n in enumerate(names) for k in ("step", "exp_avg", "exp_avg_sq")}},
+                      dict(step=done, tag=tag, losses=losses, lr_scheduler=lr_sched.state_dict(), opt_groups=osd["param_groups"],
+                           ema={k: v for k, v in ema.state_dict().items() if k != "shadow_params"}))
+            for old in sorted(folder.glob("step-*.safetensors"))[:-KEEP_CHECKPOINTS]: old.unlink()
+        if callback is not None: callback(first, done)
+    out = {**{n: s.detach() for n, s in zip(names, ema.shadow_params)}, **bufs}
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_st(folder/"done.safetensors", out, dict(tag=tag, losses=losses))
+        for old in folder.glob("step-*.safetensors"): old.unlink()
+    return out, losses
+
+# %% ../nbs/04_diffusion.ipynb #0a1b2c3e
+def train_ensemble(
+    init_state:dict, # the initial weights of every model (a state dict of `unet`'s architecture)
+    unet:UNet2DModel, # the architecture (its config; its own weights are not used)
+    scheduler:DDPMScheduler, # the noise schedule
+    images, # (N, 1, H, W) training images in [-1, 1]; model m trains on images[rows[m]]
+    rows:Sequence, # M integer arrays: each model's training rows (lengths may differ; at least 2 each)
+    profile:Profile, # train_steps, batch_size, learning_rate, warmup_steps, ema_decay, grad_clip, checkpoint_every, seed
+    cond=None, # (N, 1, H, W) mask channel for a mask-conditioned UNet, or None
+    checkpoint_dir:str|Path|None=None, # one folder per chunk of models; a call with the same tag resumes from it
+    tag:str="", # hash of the data and initial weights (a checkpoint with another tag is not resumed from)
+    progress:bool=True, # one tqdm bar over steps x chunks
+    device:str|None=None, # None: the best available
+    min_snr_gamma:float|None=None, # None: the profile's diffusion.min_snr_gamma; 0: plain MSE
+    ensemble_size:int=ENSEMBLE_SIZE, # models trained at once; more are trained in chunks of this many
+    callback:Callable|None=None, # called as callback(first_model_of_chunk, step_done) after every step
+) -> Ensemble:
+    "Train M models from `init_state`, model m on `images[rows[m]]` as `train_diffusion` trains it alone (to float rounding), `ensemble_size` at a time as one batch."
+    kind = check_compatible(unet, tuple(images.shape))
+    if (cond is None) != (kind == "none"):
+        raise ValueError(f"the UNet takes {unet.config.in_channels} input channels (conditioning {kind!r}) but cond is "
+                         f"{'None' if cond is None else 'given'}: pass the mask channel exactly when in_channels is 2")
+    if cond is not None and tuple(cond.shape) != (len(images), 1, *images.shape[2:]):
+        raise ValueError(f"cond must be {(len(images), 1, *images.shape[2:])} (one mask channel per image), got {tuple(cond.shape)}")
+    rows = _ensemble_rows(rows, len(images))
+    if ensemble_size < 1: raise ValueError(f"ensemble_size must be positive, got {ensemble_size}")
+    d = profile.diffusion
+    if d.train_steps < 1 or d.batch_size < 1: raise ValueError(f"train_steps ({d.train_steps}) and batch_size ({d.batch_size}) must be positive")
+    template = ensemble_template(unet)
+    want = set(template.state_dict())
+    if set(init_state) != want:
+        raise ValueError(f"init_state does not fit the UNet: missing {sorted(want - set(init_state))[:3]}, "
+                         f"unexpected {sorted(set(init_state) - want)[:3]}")
+    dev = get_device(device)
+    X, C = _resident(images, dev), (_resident(cond, dev) if cond is not None else None)
+    if not bool(torch.isfinite(X).all()): raise ValueError("the training images contain NaN or infinity")
+    gamma = (d.min_snr_gamma if min_snr_gamma is None else min_snr_gamma) or None
+    chunks = [list(range(a, min(len(rows), a + ensemble_size))) for a in range(0, len(rows), ensemble_size)]
+    ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    t0, outs, losses = time.perf_counter(), [], []
+    with tqdm(total=d.train_steps * len(chunks), desc=f"train-ensemble ({len(rows)} models)", unit="step",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for c, ms in enumerate(chunks):
+            ctag = hash_inputs(dict(tag=tag, profile=profile.to_dict(), gamma=gamma, models=ms, rows=[hash_inputs(rows[m].tolist()) for m in ms]))
+            w, l = _train_chunk(template, init_state, X, C, [rows[m] for m in ms], scheduler, profile, gamma, dev,
+                                ck/f"chunk-{c:03d}" if ck is not None else None, ctag, bar, ms[0], callback)
+            outs.append(w); losses += l
+    return Ensemble({k: torch.cat([o[k] for o in outs]) for k in outs[0]}, template, losses, time.perf_counter() - t0)
+
+# %% ../nbs/04_diffusion.ipynb #6a7b8c9e
+EVAL_MODEL_IMAGES = 512   # model-images per forward pass of the ensemble evaluation (see the text)
+
+def training_target(scheduler, x0:torch.Tensor, noise:torch.Tensor, abar:torch.Tensor) -> torch.Tensor:
+    "The training target of the scheduler's prediction type: epsilon, v = sqrt(abar) eps - sqrt(1 - abar) x0, or x0."
+    pt = scheduler.config.prediction_type
+    if pt == "epsilon": return noise
+    if pt == "v_prediction": return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    if pt == "sample": return x0
+    raise ValueError(f"unknown prediction_type {pt!r}")
+
+@torch.inference_mode()
+def ensemble_generate(
+    ens:Ensemble, # the models
+    scheduler, # their training scheduler
+    seeds:Sequence[int], # one seed per image (the same seeds for every model)
+    steps:int=50, # DDIM steps
+    cond=None, # (n, 1, H, W) mask channel per seed for mask-conditioned models, or None
+    batch_size:int|None=None, # seeds per forward pass (None: EVAL_MODEL_IMAGES // M, at least 1)
+) -> np.ndarray:
+    "Every model's DDIM (eta 0) images of `seeds`: (M, n, 1, H, W) float32 in [-1, 1], as `generate(ens.unet(m), scheduler, cond, seeds, steps)` makes them."
+    seeds, M = [int(s) for s in seeds], len(ens)
+    batch_size = batch_size or max(1, EVAL_MODEL_IMAGES // M)
+    cond = _batched_cond(cond, len(seeds))
+    cfg = ens.template.config
+    if (cond is None) != (cfg.in_channels == 1): raise ValueError(f"the models take {cfg.in_channels} input channels: pass cond exactly when that is 2")
+    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+    dev = next(iter(ens.params.values())).device
+    out = np.empty((M, len(seeds), 1, *size), np.float32)
+    for a in range(0, len(seeds), batch_size):
+        b = slice(a, min(len(seeds), a + batch_size))
+        sched = sampling_scheduler(scheduler, steps, "ddim")
+        x = initial_noise(seeds[b], (1, *size), dev).expand(M, -1, -1, -1, -1)
+        c = cond[b].to(dev).expand(M, -1, -1, -1, -1) if cond is not None else None
+        for t in sched.timesteps.tolist():
+            tt = torch.full((x.shape[1],), int(t), device=dev, dtype=torch.long)
+            pred = ensemble_forward(ens.template, ens.params, torch.cat([x, c], 2) if c is not None else x, tt).float()
+            x = sched.step(pred, int(t), x, eta=0.0).prev_sample
+        out[:, b] = x.clamp(-1, 1).cpu().numpy()
+    return out
+
+@torch.inference_mode()
+def ensemble_losses(
+    ens:Ensemble, # the models
+    scheduler, # their training scheduler
+    images, # (N, 1, H, W) in [-1, 1]
+    noise:torch.Tensor, # (N, K, 1, H, W) fixed noise draws
+    t:torch.Tensor, # (N, K) their timesteps
+    cond=None, # (N, 1, H, W) mask channel for mask-conditioned models, or None
+    batch_size:int|None=None, # (image, draw) pairs per forward pass (None: EVAL_MODEL_IMAGES // M, at least 1)
+) -> np.ndarray:
+    "(M, N, K) float64: each model's MSE of its own training target (epsilon, or v for v-prediction) at each fixed draw, unweighted."
+    dev = next(iter(ens.params.values())).device
+    batch_size = batch_size or max(1, EVAL_MODEL_IMAGES // len(ens))
+    x0 = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    N, K = t.shape
+    ab = scheduler.alphas_cumprod.to(torch.float32)
+    flat_x = x0[:, None].expand(N, K, *x0.shape[1:]).reshape(N * K, *x0.shape[1:])
+    flat_n, flat_t = noise.reshape(N * K, *noise.shape[2:]), t.reshape(-1)
+    flat_c = torch.as_tensor(cond)[:, None].expand(N, K, *cond.shape[1:]).reshape(N * K, *cond.shape[1:]) if cond is not None else None
+    out = []
+    for a in range(0, N * K, batch_size):
+        b = slice(a, a + batch_size)
+        tt = flat_t[b]; s = ab[tt].view(-1, 1, 1, 1)
+        xt = s.sqrt() * flat_x[b] + (1 - s).sqrt() * flat_n[b]
+        inp = torch.cat([xt, flat_c[b]], 1) if flat_c is not None else xt
+        pred = ensemble_forward(ens.template, ens.params, inp.to(dev), tt.to(dev)).float().cpu()      # (M, b, 1, H, W)
+        out.append(((pred - training_target(scheduler, flat_x[b], flat_n[b], s)) ** 2).mean((2, 3, 4)))
+    return torch.cat(out, 1).reshape(len(ens), N, K).double().numpy()
+
+# %% ../nbs/04_diffusion.ipynb #9daebfc1
+ENSEMBLE_BENCH_SIZES = dict(image_size=16, unet_channels=(16, 32, 32), layers_per_block=1, attention_levels=(), batch_size=16)
+
+def benchmark_ensemble(
+    profile:Profile, # model and training settings (the CLI applies ENSEMBLE_BENCH_SIZES, the ground-truth size)
+    n_models:int=16, # models trained both ways
+    train_steps:int=30, # training steps of every model
+    n_images:int=64, # training images; each model trains on a random half (+ m % 4 more)
+    ensemble_size:int=ENSEMBLE_SIZE, # models per batch of `train_ensemble`
+    device:str|None=None, # None: the best available
+) -> dict:
+    "Seconds to train `n_models` models one at a time (`train_diffusion`) and as one batch (`train_ensemble`), their ratio, and the largest EMA weight difference."
+    dev = get_device(device)
+    prof = profile.updated(conditioning="none", train_steps=train_steps, checkpoint_every=0)
+    rng = np.random.default_rng(0)
+    size = prof.data.image_size
+    images = np.clip(rng.normal(0, 0.5, (n_images, 1, size, size)), -1, 1).astype(np.float32)
+    rows = [np.sort(rng.choice(n_images, min(n_images, max(2, n_images // 2 + m % 4)), replace=False)) for m in range(n_models)]
+    sched, init = make_scheduler(prof), build_unet(prof).state_dict()
+    t0, seq = time.perf_counter(), []
+    for r in rows:
+        u = build_unet(prof); u.load_state_dict(init)
+        seq.append(train_diffusion(u, sched, images[r], None, prof, progress=False, device=str(dev)).ema_unet)
+    if dev.type == "cuda": torch.cuda.synchronize(dev)
+    t_seq = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ens = train_ensemble(init, build_unet(prof), sched, images, rows, prof, progress=False, device=str(dev), ensemble_size=ensemble_size)
+    if dev.type == "cuda": torch.cuda.synchronize(dev)
+    t_ens = time.perf_counter() - t0
+    diff = max(float((ens.params[k][m] - v.detach()).abs().max()) for m, u in enumerate(seq) for k, v in u.state_dict().items())
+    return dict(device=str(dev), n_models=n_models, train_steps=train_steps, ensemble_size=ensemble_size, image_size=size,
+                unet_channels=list(prof.diffusion.unet_channels), batch_size=prof.diffusion.batch_size, threads=torch.get_num_threads(),
+                sequential_s=t_seq, batched_s=t_ens, ratio=t_seq / t_ens, ema_max_abs_diff=diff)
+
+def format_ensemble_benchmark(res:dict) -> str:
+    "The ensemble benchmark as two lines of text."
+    ms = lambda s: 1e3 * s / (res["n_models"] * res["train_steps"])
+    return (f"bench ensemble on {res['device']} ({res['threads']} threads): {res['n_models']} models x {res['train_steps']} steps, "
+            f"UNet {tuple(res['unet_channels'])}, {res['image_size']}x{res['image_size']}, batch {res['batch_size']}, {res['ensemble_size']} at once\n"
+            f"  sequential {res['sequential_s']:.1f} s ({ms(res['sequential_s']):.1f} ms/model-step), batched {res['batched_s']:.1f} s "
+            f"({ms(res['batched_s']):.1f} ms/model-step), ratio {res['ratio']:.2f}; EMA weights max |diff| {res['ema_max_abs_diff']:.1e}")

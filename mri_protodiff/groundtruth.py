@@ -20,38 +20,48 @@ from .core import (Profile, RunDir, get_profile, get_device, write_json, read_js
                                 atomic_write, open_run)
 from .data import SliceSet, load_sliceset, phantom_sliceset
 from .diffusion import (build_unet, make_scheduler, train_diffusion, generate, save_diffusion, load_diffusion, mask_channel,
-                                     LOSS_WINDOW)
-from .stats import summarize, bootstrap_ci, format_mean_sd, markdown_table, write_table
+                                     LOSS_WINDOW, train_ensemble, ensemble_generate, ensemble_losses, training_target)
+from .stats import (summarize, bootstrap_ci, cluster_bootstrap_ci, format_mean_sd, format_ci, markdown_table, write_table,
+                                 MIN_UNITS, TOO_SMALL)
 from .trajectory import unet_features
 from .protonets import ExplainerConfig
 from .prototrain import explainer_labels, load_explainer, plan_from_profile, train_one
-from .influence import explainer_nis, paper_nis
+from .influence import explainer_nis, explainer_full_nis, paper_nis
 from .viz import method_color, save_figure
 
 # %% auto #0
 __all__ = ['GT_VERSIONS', 'GT_CONDITIONING', 'GT_METHODS', 'GT_LABELS', 'EXPLAINERS', 'COPY_NREF', 'COPY_MAX_RATIO',
-           'TRAK_MAX_PARAMS', 'MEASURES', 'LDS_PERMUTATIONS', 'GT_VERSION_TAG', 'WHOLE_MODELS', 'GTConfig', 'gt_config',
-           'resize_sliceset', 'GTData', 'plant_training_set', 'save_gt_data', 'load_gt_data', 'fixed_draws',
-           'diffusion_losses', 'Probe', 'evaluate_model', 'train_gt_model', 'pixel_distances', 'nn_ratio', 'Copies',
-           'detect_copies', 'gather_rows', 'ranking', 'unet_block_features', 'trak_parameters', 'trak_scores',
-           'wilson_ci', 'memorisation_recovery', 'removal_sets', 'rows_key', 'image_change', 'counterfactual_effects',
-           'lds_subsets', 'lds_per_image', 'lds_permutation_test', 'planned_models', 'load_scores', 'load_row_scores',
-           'groundtruth_markdown', 'groundtruth_figure', 'run_experiment']
+           'TRAK_MAX_PARAMS', 'MEASURES', 'LDS_PERMUTATIONS', 'GT_VERSION_TAG', 'WHOLE_MODELS', 'LDS_ALPHA',
+           'explainer_of', 'GTConfig', 'gt_config', 'resize_sliceset', 'GTData', 'plant_training_set', 'save_gt_data',
+           'load_gt_data', 'fixed_draws', 'diffusion_losses', 'Probe', 'evaluate_model', 'train_gt_model',
+           'pixel_distances', 'ssim_matrix', 'nn_ratio', 'Copies', 'detect_copies', 'gather_rows', 'ranking',
+           'unet_block_features', 'trak_parameters', 'trak_scores', 'memorisation_recovery', 'removal_size',
+           'removal_sets', 'rows_key', 'image_change', 'counterfactual_effects', 'lds_subsets', 'centre_over_images',
+           'lds_per_image', 'lds_permutation_test', 'lds_bootstrap_ci', 'lds_mde', 'planned_models', 'load_scores',
+           'load_row_scores', 'groundtruth_markdown', 'groundtruth_finding', 'groundtruth_figure', 'run_experiment']
 
 # %% ../nbs/13_groundtruth.ipynb #0bb0d0b2
 GT_VERSIONS = ("minimal", "full")
 
 GT_CONDITIONING = "none"       # ground-truth diffusion models are unconditional (see above); "mask" is allowed
 
-GT_METHODS = ("ppnet", "eppnet", "protopool", "paper", "trak", "pixel_nn", "feature_nn", "random")
+GT_METHODS = ("ppnet", "eppnet", "protopool", "ppnet_full", "eppnet_full", "protopool_full", "paper", "trak", "pixel_nn",
+              "feature_nn", "random")
 
-GT_LABELS = {"ppnet": "PPNet NIS", "eppnet": "EPPNet NIS", "protopool": "ProtoPool NIS", "paper": "paper's NIS (scripts)",
+GT_LABELS = {"ppnet": "PPNet NIS (push)", "eppnet": "EPPNet NIS (push)", "protopool": "ProtoPool NIS (push)",
+             "ppnet_full": "PPNet NIS (full support)", "eppnet_full": "EPPNet NIS (full support)",
+             "protopool_full": "ProtoPool NIS (full support)", "paper": "paper's NIS (scripts)",
              "trak": "TRAK (D-TRAK, dattri)", "pixel_nn": "nearest neighbour (pixels)",
              "feature_nn": "nearest neighbour (UNet features)", "random": "random scores (chance)"}
 
 EXPLAINERS = ("ppnet", "eppnet", "protopool")
 
-COPY_NREF = 10                 # copy criterion: distance ratio against the mean of the next COPY_NREF distinct images
+def explainer_of(method:str) -> str|None:
+    "The explainer a ground-truth method reads ('ppnet' for 'ppnet' and 'ppnet_full'), None for the others."
+    base = method[:-5] if method.endswith("_full") else method
+    return base if base in EXPLAINERS else None
+
+COPY_NREF = 10                 # copy criterion: SSIM-distance ratio against the mean of the next COPY_NREF distinct images
 
 COPY_MAX_RATIO = 0.5           # ... and never above this ratio, however the held-out calibration comes out
 
@@ -85,6 +95,8 @@ class GTConfig:
     copy_fpr:float            # copy criterion: share of held-out real slices that would be called copies
     seed:int
     probe_steps:int = 1       # the memorisation-probe model: profile.groundtruth.gt_probe_steps
+    probe_generated:int = 0   # images the probe model generates (0: n_generated); only its copies are scored
+    ensemble_size:int = 32    # models trained at once as one batch (`diffusion.train_ensemble`)
     probe_prediction:str = "epsilon"  # ... and its prediction type (the run's profile's)
     prediction_type:str = "epsilon"   # every other ground-truth model (the LDS output and TRAK loss are D-TRAK's epsilon loss)
 
@@ -107,7 +119,7 @@ class GTConfig:
         return (f"{self.version}: {self.image_size}x{self.image_size}, UNet {tuple(self.unet_channels)}, {self.train_steps} steps x "
                 f"batch {self.batch_size} per model, {self.planted} planted x {self.copies}, top-k {self.topk}, "
                 f"{self.subsets} LDS subsets, {self.n_generated} generated / {self.n_counterfactual} counterfactual images, "
-                f"probe model {self.probe_steps} steps ({self.probe_prediction})")
+                f"probe model {self.probe_steps} steps ({self.probe_prediction}, {self.probe_generated or self.n_generated} images)")
 
 # %% ../nbs/13_groundtruth.ipynb #5b121d2b
 def gt_config(
@@ -138,8 +150,11 @@ def gt_config(
     bad = sorted(set(overrides) - names)
     if bad: raise ValueError(f"unknown ground-truth setting(s) {bad}; known: {sorted(names)}")
     base.update(overrides)
+    if version == "minimal" and "probe_generated" not in overrides:
+        base["probe_generated"] = 4 * base["n_generated"]                             # 256 for quick; only the copies are scored
     cfg = GTConfig(**base)
-    for k in ("planted", "copies", "topk", "subsets", "train_steps", "probe_steps", "n_generated", "n_counterfactual", "output_draws", "trak_draws", "proj_dim"):
+    for k in ("planted", "copies", "topk", "subsets", "train_steps", "probe_steps", "n_generated", "n_counterfactual", "output_draws", "trak_draws",
+              "proj_dim", "ensemble_size"):
         if getattr(cfg, k) < 1: raise ValueError(f"ground-truth setting {k} must be >= 1, got {getattr(cfg, k)}")
     if cfg.subsets < 2: raise ValueError(f"the LDS needs at least 2 subsets (profile field gt_subsets), got {cfg.subsets}")
     if cfg.copies < 2: raise ValueError(f"planted images must be present at least twice (profile field gt_copies), got {cfg.copies}")
@@ -245,14 +260,6 @@ def fixed_draws(
     t = ((torch.arange(k, dtype=torch.float64) + 0.5) * num_train_timesteps / k).long().clamp(0, num_train_timesteps - 1)
     return noise, t.expand(n, k).clone()
 
-def _target(scheduler, x0:torch.Tensor, noise:torch.Tensor, abar:torch.Tensor) -> torch.Tensor:
-    "The training target of the scheduler's prediction type: epsilon, v = sqrt(abar) eps - sqrt(1 - abar) x0, or x0."
-    pt = scheduler.config.prediction_type
-    if pt == "epsilon": return noise
-    if pt == "v_prediction": return abar.sqrt() * noise - (1 - abar).sqrt() * x0
-    if pt == "sample": return x0
-    raise ValueError(f"unknown prediction_type {pt!r}")
-
 def diffusion_losses(
     unet, # a diffusers UNet2DModel
     scheduler, # its training scheduler
@@ -279,7 +286,7 @@ def diffusion_losses(
             xt = s.sqrt() * flat_x[b] + (1 - s).sqrt() * flat_n[b]
             inp = torch.cat([xt, flat_c[b]], 1) if flat_c is not None else xt
             pred = unet(inp.to(dev), tt.to(dev)).sample.float().cpu()
-            out.append(((pred - _target(scheduler, flat_x[b], flat_n[b], s)) ** 2).mean((1, 2, 3)))
+            out.append(((pred - training_target(scheduler, flat_x[b], flat_n[b], s)) ** 2).mean((1, 2, 3)))
     unet.train(was)
     return torch.cat(out).reshape(N, K).double().numpy()
 
@@ -333,26 +340,36 @@ def train_gt_model(
 
 # %% ../nbs/13_groundtruth.ipynb #9c0ae67a
 def pixel_distances(a:np.ndarray, b:np.ndarray) -> np.ndarray:
-    "(len(a), len(b)) Euclidean distances between flattened images."
+    "(len(a), len(b)) Euclidean distances between flattened images (the `pixel_nn` method; not used by the copy criterion)."
     x = torch.as_tensor(np.asarray(a), dtype=torch.float64).flatten(1); y = torch.as_tensor(np.asarray(b), dtype=torch.float64).flatten(1)
     return torch.cdist(x, y).numpy()
+
+def ssim_matrix(
+    a:np.ndarray, # (N, 1, H, W) images in [-1, 1]
+    b:np.ndarray, # (K, 1, H, W) images in [-1, 1]
+) -> np.ndarray:
+    "(N, K) SSIM of every pair, on (x + 1) / 2 with data range 1 (the window of `image_change`)."
+    from skimage.metrics import structural_similarity
+    a, b = (np.asarray(a, np.float64) + 1) / 2, (np.asarray(b, np.float64) + 1) / 2
+    win = min(7, a.shape[-1] - (1 - a.shape[-1] % 2))
+    return np.array([[structural_similarity(x[0], y[0], data_range=1.0, win_size=win) for y in b] for x in a]).reshape(len(a), len(b))
 
 def nn_ratio(
     images:np.ndarray, # (N, 1, H, W) query images
     train_unique:np.ndarray, # (U, 1, H, W) the distinct training images
     n_ref:int=COPY_NREF, # distances averaged in the denominator
 ) -> tuple[np.ndarray, np.ndarray]:
-    "(nearest distinct training image (N,), ratio of its distance to the mean distance of the next `n_ref` (N,))."
-    d = pixel_distances(images, train_unique)
+    "(SSIM-nearest distinct training image (N,), ratio of its 1 - SSIM to the mean 1 - SSIM of the next `n_ref` (N,))."
+    d = 1 - ssim_matrix(images, train_unique)
     if d.shape[1] < 2: raise ValueError("the copy criterion needs at least 2 distinct training images")
     o = np.sort(d, 1); n_ref = max(1, min(n_ref, d.shape[1] - 1))
-    return d.argmin(1), o[:, 0] / np.maximum(o[:, 1:n_ref + 1].mean(1), 1e-12)
+    return d.argmin(1), np.maximum(o[:, 0], 0) / np.maximum(o[:, 1:n_ref + 1].mean(1), 1e-12)
 
 @dataclass
 class Copies:
     "The copy criterion applied to the generated images."
-    nearest:np.ndarray        # (N,) nearest distinct training image
-    ratio:np.ndarray          # (N,) nearest distance / mean distance of the next COPY_NREF
+    nearest:np.ndarray        # (N,) SSIM-nearest distinct training image
+    ratio:np.ndarray          # (N,) its 1 - SSIM / the mean 1 - SSIM of the next COPY_NREF
     threshold:float           # delta: the copy_fpr quantile of the held-out ratios, at most COPY_MAX_RATIO
     is_copy:np.ndarray        # (N,) ratio < threshold
     source:np.ndarray         # (N,) the planted image copied, -1 if not a copy of a planted image
@@ -365,7 +382,7 @@ def detect_copies(
     planted:Sequence[int], # distinct ids of the planted images
     fpr:float=0.01, # share of held-out images that would be called copies
 ) -> Copies:
-    "Which generated images copy a training image (calibrated nearest-neighbour ratio), and which planted image is their source."
+    "Which generated images copy a training image (calibrated SSIM nearest-neighbour ratio), and which planted image is their source."
     if len(heldout) < 1: raise ValueError("the copy criterion needs held-out real images to calibrate its threshold")
     nearest, ratio = nn_ratio(generated, train_unique)
     _, hr = nn_ratio(heldout, train_unique)
@@ -466,7 +483,7 @@ def trak_scores(
         xt = s.sqrt() * x0.unsqueeze(0) + (1 - s).sqrt() * noise
         if cond_kind: xt = torch.cat([xt, data[3].unsqueeze(0).expand(len(t), *data[3].shape)], 1)
         pred = torch.func.functional_call(model, params, (xt, t)).sample
-        return ((pred.float() - _target(scheduler, x0.unsqueeze(0), noise, s)) ** 2).mean()
+        return ((pred.float() - training_target(scheduler, x0.unsqueeze(0), noise, s)) ** 2).mean()
 
     def no_probability(params, data): return torch.zeros((), device=dev)   # Q = 1 - p = 1
 
@@ -496,54 +513,61 @@ def trak_scores(
     return s.detach().double().cpu().numpy().T
 
 # %% ../nbs/13_groundtruth.ipynb #69901cfe
-def wilson_ci(k:int, n:int, confidence:float=0.95) -> tuple[float, float]:
-    "Wilson score interval of a proportion k/n ((nan, nan) when n = 0)."
-    from scipy.stats import binomtest
-    if n == 0: return (float("nan"), float("nan"))
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence, method="wilson")
-    return float(ci.low), float(ci.high)
-
 def memorisation_recovery(
     scores:dict, # method -> (N, U) scores
     source:np.ndarray, # (N,) known source of each generated image (-1: none)
     tiebreak:np.ndarray, # (N, U)
     ks:Sequence[int]=(1, 5),
+    n_bootstrap:int=1000, seed:int=0, # the cluster bootstrap
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "(summary per method: recovery@k with Wilson CIs; per image: the rank of the source under each method)."
+    "(summary per method: recovery@k with 95 % CIs clustered by planted image; per copy: the rank of its source under each method)."
     idx = np.flatnonzero(np.asarray(source) >= 0)
+    src = np.asarray(source)[idx]
     rows, per = [], []
     for m, s in scores.items():
         order = ranking(s[idx], tiebreak[idx]) if len(idx) else np.zeros((0, s.shape[1]), int)
         rank = np.array([int(np.flatnonzero(o == source[i])[0]) + 1 for o, i in zip(order, idx)], dtype=np.int64)
-        r = dict(method=m, n_copies=len(idx))
+        r = dict(method=m, n_copies=len(idx), n_sources=int(len(np.unique(src))))
         for k in ks:
-            hits = int((rank <= k).sum()); lo, hi = wilson_ci(hits, len(idx))
-            r.update({f"top{k}_recovery": hits / len(idx) if len(idx) else float("nan"), f"top{k}_ci_low": lo, f"top{k}_ci_high": hi})
+            hit = (rank <= k).astype(float)
+            lo, hi = cluster_bootstrap_ci(hit, src, n_resamples=n_bootstrap, seed=seed) if r["n_sources"] >= MIN_UNITS else (float("nan"),) * 2
+            r.update({f"top{k}_recovery": float(hit.mean()) if len(idx) else float("nan"), f"top{k}_ci_low": lo, f"top{k}_ci_high": hi})
         r["chance_top1"] = 1.0 / s.shape[1]
         rows.append(r)
         per += [dict(method=m, generated=int(i), source=int(source[i]), rank=int(rk)) for i, rk in zip(idx, rank)]
     return pd.DataFrame(rows), pd.DataFrame(per, columns=["method", "generated", "source", "rank"])
 
 # %% ../nbs/13_groundtruth.ipynb #b7a906ac
+def removal_size(
+    scores:np.ndarray, # (U,) one method's scores of the distinct training images for one generated image
+    k:int, # the largest removal (`topk`)
+) -> int:
+    "min(k, number of positive scores) for non-negative shares (NIS: the support), else k."
+    s = np.asarray(scores, dtype=np.float64)
+    return int(min(k, int((s > 0).sum()))) if (s >= 0).all() else int(k)
+
 def removal_sets(
     scores:dict, # method -> (N, U)
     cf_index:np.ndarray, # (n_cf,) counterfactual images
-    k:int, # images removed
+    k:int, # the largest removal (`topk`)
     tiebreak:np.ndarray, # (N, U)
     seed:int, # random removal sets
 ) -> list[dict]:
-    "One record per (image, method, kind) with the removed distinct images: kinds top, bottom (per method) and random (per image)."
+    "One record per (image, method) with its top-k_m removal (kind 'top'), and per (image, size) a random removal (method '*', kind 'random')."
     U = next(iter(scores.values())).shape[1]
     if not 1 <= k < U: raise ValueError(f"top-k removal needs 1 <= k < {U} (the number of distinct training images), got k={k}")
     out = []
     for g in cf_index:
-        g = int(g)
-        rnd = np.sort(np.random.default_rng([int(seed), 0x4A7D, g]).choice(U, k, replace=False))
-        out.append(dict(image=g, method="*", kind="random", removed=rnd))
+        g, sizes = int(g), set()
         for m, s in scores.items():
             if m == "random": continue
-            out.append(dict(image=g, method=m, kind="top", removed=np.sort(ranking(s[g:g + 1], tiebreak[g:g + 1])[0, :k])))
-            out.append(dict(image=g, method=m, kind="bottom", removed=np.sort(ranking(s[g:g + 1], tiebreak[g:g + 1], False)[0, :k])))
+            km = removal_size(s[g], k)
+            if km < 1: continue
+            out.append(dict(image=g, method=m, kind="top", k=km, removed=np.sort(ranking(s[g:g + 1], tiebreak[g:g + 1])[0, :km])))
+            sizes.add(km)
+        for km in sorted(sizes):
+            rnd = np.sort(np.random.default_rng([int(seed), 0x4A7D, g, km]).choice(U, km, replace=False))
+            out.append(dict(image=g, method="*", kind="random", k=km, removed=rnd))
     return out
 
 def rows_key(rows:Sequence[int], n_rows:int) -> str:
@@ -567,25 +591,21 @@ def image_change(
 MEASURES = ("one_minus_ssim", "l2", "feature")
 
 def counterfactual_effects(
-    changes:pd.DataFrame, # one row per (image, method, kind) with a column per measure
+    changes:pd.DataFrame, # one row per (image, method, kind) with k and a column per measure
     n_bootstrap:int=1000, seed:int=0,
 ) -> pd.DataFrame:
-    "Per method and measure: mean change when its top-k / bottom-k are removed, the random-removal mean, and the effects (top - random, top - bottom) with 95 % bootstrap CIs over images."
-    rnd = changes[changes.kind == "random"].set_index("image")
+    "Per method and measure: mean change when its top-k are removed, the mean change for k random images, and the effect (top - random, paired by image and k) with a 95 % bootstrap CI over images."
+    rnd = changes[changes.kind == "random"].set_index(["image", "k"])
     rows = []
     for m in [x for x in dict.fromkeys(changes.method) if x != "*"]:
-        top = changes[(changes.method == m) & (changes.kind == "top")].set_index("image")
-        bot = changes[(changes.method == m) & (changes.kind == "bottom")].set_index("image")
+        top = changes[(changes.method == m) & (changes.kind == "top")].set_index(["image", "k"])
+        keys = top.index.intersection(rnd.index)
         for ms in MEASURES:
-            imgs = top.index.intersection(rnd.index)
-            d_r = (top.loc[imgs, ms] - rnd.loc[imgs, ms]).to_numpy(float)
-            d_b = (top.loc[imgs, ms] - bot.loc[imgs, ms]).to_numpy(float)
-            r = dict(method=m, measure=ms, n_images=len(imgs), top=float(top.loc[imgs, ms].mean()),
-                     bottom=float(bot.loc[imgs, ms].mean()), random=float(rnd.loc[imgs, ms].mean()))
-            for name, d in (("vs_random", d_r), ("vs_bottom", d_b)):
-                s = summarize(d, n_bootstrap, seed)
-                r.update({f"effect_{name}": s["mean"], f"effect_{name}_ci_low": s["ci95_low"], f"effect_{name}_ci_high": s["ci95_high"]})
-            rows.append(r)
+            d = (top.loc[keys, ms] - rnd.loc[keys, ms]).to_numpy(float)
+            st = summarize(d, n_bootstrap, seed)
+            rows.append(dict(method=m, measure=ms, n_images=len(keys), mean_k=float(np.mean([k for _, k in keys])) if len(keys) else float("nan"),
+                             top=float(top.loc[keys, ms].mean()), random=float(rnd.loc[keys, ms].mean()), effect_vs_random=st["mean"],
+                             effect_vs_random_ci_low=st["ci95_low"], effect_vs_random_ci_high=st["ci95_high"]))
     return pd.DataFrame(rows)
 
 # %% ../nbs/13_groundtruth.ipynb #1e08e879
@@ -599,13 +619,23 @@ def lds_subsets(
     rng = np.random.default_rng([int(seed), 0x1D5])
     return np.stack([np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(m)])
 
+def centre_over_images(
+    scores:np.ndarray, # (N, n) attribution scores of the n training examples for N generated images
+    outputs:np.ndarray, # (M, N) model outputs
+) -> tuple[np.ndarray, np.ndarray]:
+    "(scores minus each training example's mean over images, outputs minus each subset model's mean over images): removes the factor all images share."
+    s, o = np.asarray(scores, np.float64), np.asarray(outputs, np.float64)
+    return s - s.mean(0, keepdims=True), o - o.mean(1, keepdims=True)
+
 def lds_per_image(
     scores:np.ndarray, # (N, n) attribution scores of the n training examples
     outputs:np.ndarray, # (M, N) model output of each image under each subset model
     subsets:np.ndarray, # (M, n // 2) the subsets
+    centred:bool=False, # the per-subset-centred LDS (`centre_over_images` first)
 ) -> np.ndarray:
     "(N,) the LDS of each generated image (Spearman over subsets; nan where undefined), via `dattri.metric.lds`."
     from dattri.metric import lds
+    if centred: scores, outputs = centre_over_images(scores, outputs)
     s = torch.as_tensor(np.asarray(scores, dtype=np.float64)).T
     gt = torch.as_tensor(np.asarray(outputs, dtype=np.float64)); idx = torch.as_tensor(np.asarray(subsets, dtype=np.int64))
     if gt.shape != (idx.shape[0], s.shape[1]): raise ValueError(f"outputs must be (subsets, images) = {(idx.shape[0], s.shape[1])}, got {tuple(gt.shape)}")
@@ -617,23 +647,32 @@ def lds_per_image(
 # %% ../nbs/13_groundtruth.ipynb #de7c7168
 LDS_PERMUTATIONS = 20000  # subset shuffles for `lds_permutation_test` (all M! of them when fewer)
 
+def _unit_ranks(x:np.ndarray) -> np.ndarray:
+    "Rows ranked, centred and scaled to unit norm (nan for a constant row): their dot product is the Spearman correlation."
+    from scipy.stats import rankdata
+    r = rankdata(x, axis=-1); r = r - r.mean(-1, keepdims=True)
+    return r / np.where((nrm := np.linalg.norm(r, axis=-1, keepdims=True)) > 0, nrm, np.nan)
+
+def _lds_tables(scores, outputs, subsets, centred:bool) -> tuple[np.ndarray, np.ndarray]:
+    "(A (N, M) summed attribution per image and subset, O (N, M) model outputs), centred over images when asked."
+    scores, outputs, subsets = np.asarray(scores, np.float64), np.asarray(outputs, np.float64), np.asarray(subsets)
+    M = len(subsets)
+    if outputs.shape != (M, scores.shape[0]): raise ValueError(f"outputs must be (subsets, images) = {(M, scores.shape[0])}, got {outputs.shape}")
+    if centred: scores, outputs = centre_over_images(scores, outputs)
+    return np.stack([scores[:, s].sum(1) for s in subsets], 1), outputs.T
+
 def lds_permutation_test(
     scores:np.ndarray, # (N, n) attribution scores of the n training examples
     outputs:np.ndarray, # (M, N) model output of each image under each subset model
     subsets:np.ndarray, # (M, n // 2) the subsets
     n_perm:int=LDS_PERMUTATIONS, # shuffles; all M! when M! <= n_perm
     seed:int=0, # draws the shuffles when they are sampled
+    centred:bool=False, # test the per-subset-centred LDS
 ) -> dict:
     "Mean LDS over images and its null with the subset models shuffled (one shuffle for all images): mean, null_sd, p (two-sided), n_images, n_perm."
-    from scipy.stats import rankdata
-    scores, outputs, subsets = np.asarray(scores, np.float64), np.asarray(outputs, np.float64), np.asarray(subsets)
-    M = len(subsets)
-    if outputs.shape != (M, scores.shape[0]): raise ValueError(f"outputs must be (subsets, images) = {(M, scores.shape[0])}, got {outputs.shape}")
-    A = np.stack([scores[:, s].sum(1) for s in subsets], 1)                     # (N, M) summed attribution per subset
-    def unit(x):
-        r = rankdata(x, axis=1); r = r - r.mean(1, keepdims=True)
-        return r / np.where((nrm := np.linalg.norm(r, axis=1, keepdims=True)) > 0, nrm, np.nan)
-    RA, RO = unit(A), unit(outputs.T)
+    A, O = _lds_tables(scores, outputs, subsets, centred)
+    M = A.shape[1]
+    RA, RO = _unit_ranks(A), _unit_ranks(O)
     ok = np.isfinite(RA).all(1) & np.isfinite(RO).all(1)                         # constant rows: LDS undefined
     if not ok.any(): return dict(mean=float("nan"), null_sd=float("nan"), p=float("nan"), n_images=0, n_perm=0)
     K = RA[ok].T @ RO[ok] / ok.sum()                                             # K[a, b]: mean over images of RA[:, a] * RO[:, b]
@@ -645,17 +684,48 @@ def lds_permutation_test(
     obs = float(np.trace(K))
     return dict(mean=obs, null_sd=float(null.std()), p=float((np.abs(null) >= abs(obs) - 1e-12).mean()), n_images=int(ok.sum()), n_perm=len(perms))
 
+def lds_bootstrap_ci(
+    scores:np.ndarray, outputs:np.ndarray, subsets:np.ndarray, # as `lds_permutation_test`
+    centred:bool=False,
+    n_resamples:int=1000, seed:int=0, confidence:float=0.95,
+) -> tuple[float, float]:
+    "Percentile CI of the mean LDS resampling generated images (with replacement) and subsets (with replacement, distinct ones kept) independently."
+    A, O = _lds_tables(scores, outputs, subsets, centred)
+    N, M = A.shape
+    rng = np.random.default_rng([int(seed), 0xB05])
+    vals = []
+    for _ in range(int(n_resamples)):
+        i, j = rng.integers(0, N, N), np.unique(rng.integers(0, M, M))         # a duplicated subset would be a tied, perfectly concordant pair
+        a, o = A[np.ix_(i, j)], O[np.ix_(i, j)]
+        if centred: a, o = a - a.mean(0, keepdims=True), o - o.mean(0, keepdims=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            v = np.nanmean((_unit_ranks(a) * _unit_ranks(o)).sum(1)) if N else np.nan
+        if np.isfinite(v): vals.append(v)
+    if len(vals) < 2: return (float("nan"), float("nan"))
+    q, obs = (1 - confidence) / 2, float(np.nanmean((_unit_ranks(A) * _unit_ranks(O)).sum(1)))
+    shift = obs - float(np.mean(vals))     # fewer distinct subsets pull a Spearman mean towards 0: centre the spread on the estimate
+    return float(np.quantile(vals, q)) + shift, float(np.quantile(vals, 1 - q)) + shift
+
+def lds_mde(
+    null_sd:float, # the permutation null's SD of the mean LDS
+    alpha:float=0.01, power:float=0.8,
+) -> float:
+    "Minimum detectable mean LDS: (z_{1-alpha/2} + z_power) null_sd (normal approximation to the permutation null)."
+    from scipy.stats import norm
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * null_sd) if np.isfinite(null_sd) else float("nan")
+
 # %% ../nbs/13_groundtruth.ipynb #31ca4cdf
 def planned_models(
     n_methods:int, # methods other than random scores
     n_counterfactual:int, # counterfactual images
     subsets:int, # LDS subsets
 ) -> int:
-    "An upper bound on the models an experiment trains: the reference, top-k/bottom-k per method and one random set per counterfactual image, and the LDS subsets."
-    return 1 + (2 * n_methods + 1) * n_counterfactual + subsets
+    "An upper bound on the models an experiment trains: the reference, per counterfactual image a top-k per method and a random set per removal size, and the LDS subsets."
+    return 1 + 2 * n_methods * n_counterfactual + subsets
 
 # %% ../nbs/13_groundtruth.ipynb #6da8937b
-GT_VERSION_TAG = 2  # bump to invalidate ground-truth stages after a change in this code
+GT_VERSION_TAG = 3  # bump to invalidate ground-truth stages after a change in this code
 
 @dataclass
 class _Ctx:
@@ -730,7 +800,8 @@ def _generate_and_detect(ctx:_Ctx, data:GTData, name:str) -> tuple[dict, Copies]
     "Generate `n_generated` images with model `name` from fixed seeds, find the copies, and fix the model-output draws."
     cfg = ctx.cfg
     unet, sched = _load_whole(ctx, name)
-    n, k = cfg.n_generated, 0 if name == "reference" else 1
+    k = 0 if name == "reference" else 1
+    n = cfg.n_generated if name == "reference" else (cfg.probe_generated or cfg.n_generated)
     seeds = np.arange(n, dtype=np.int64) + cfg.seed * 1_000_000 + 500_000 + 100_000 * k
     cond = None
     if cfg.conditioning == "mask":
@@ -754,7 +825,8 @@ def _stage_samples(ctx:_Ctx, data:GTData, force:bool, name:str="reference") -> s
         n_copy = min(len(copies), (cfg.n_counterfactual + 1) // 2)
         arrays["cf_index"] = np.sort(np.concatenate([copies[:n_copy], others[:cfg.n_counterfactual - n_copy]])).astype(np.int64)
         _save_npz(ctx.folder/out, **arrays)
-        return dict(n_generated=cfg.n_generated, copies=int(cp.is_copy.sum()), planted_copies=int(len(copies)), threshold=cp.threshold)
+        return dict(n_generated=len(arrays["images"]), copies=int(len(copies)), planted_sources=int(len(np.unique(cp.source[copies]))),
+                    threshold=cp.threshold)
     return ctx.run.run_stage(f"{ctx.rel}/{stage}", work, dict(base=ctx.base_hash, model=ctx.run.stage(f"{ctx.rel}/{name}").get("input_hash")),
                              [f"{ctx.rel}/{out}"], force=force)
 
@@ -785,26 +857,31 @@ def _stage_explainer(ctx:_Ctx, data:GTData, method:str, force:bool) -> str:
 
 # %% ../nbs/13_groundtruth.ipynb #0611a676
 def _stage_scores(ctx:_Ctx, data:GTData, methods:Sequence[str], force:bool, name:str="reference") -> str:
-    "Every method's scores for model `name`'s generated images: `scores.npz` (reference) or `probe_scores.npz` (probe); model-dependent methods use that model."
+    "Every method's scores for model `name`'s generated images: `scores.npz` (reference: every image) or `probe_scores.npz` (probe: its copies only); model-dependent methods use that model."
     prof, cfg = ctx.run.profile, ctx.cfg
     def work():
-        probe, _ = _probe(ctx, name)
-        gen, U, rows = probe.images, data.n_unique, data.train.images
+        probe, z = _probe(ctx, name)
+        sel = np.flatnonzero(z["source"] >= 0) if name == "probe" else np.arange(len(probe.images))
+        gen, U, rows = probe.images[sel], data.n_unique, data.train.images
         unet, sched = _load_whole(ctx, name)
-        out, per_row, secs = {}, {}, {}
+        out, per_row, secs, explainers = {}, {}, {}, {}
         for m in methods:
             t0 = time.perf_counter()
-            if m in EXPLAINERS:
-                model, _, recs = load_explainer(ctx.folder/"explainers"/m)
-                r = explainer_nis(model, recs, gen, len(rows)).nis; s = gather_rows(r, data.unique, U)
+            if len(sel) == 0: s, r = np.zeros((0, U)), np.zeros((0, len(rows)))
+            elif explainer_of(m):
+                e = explainer_of(m)
+                if e not in explainers: explainers[e] = load_explainer(ctx.folder/"explainers"/e)
+                model, _, recs = explainers[e]
+                r = explainer_full_nis(model, gen, rows) if m.endswith("_full") else explainer_nis(model, recs, gen, len(rows)).nis
+                s = gather_rows(r, data.unique, U)
             elif m == "paper":
                 r = paper_nis(unet_block_features(unet, gen), unet_block_features(unet, rows)); s = gather_rows(r, data.unique, U)
             elif m == "trak":
                 tn, tt = fixed_draws(U, cfg.trak_draws, rows.shape[1:], sched.config.num_train_timesteps, cfg.seed, stream=2)
                 tc = gc = None
                 if cfg.conditioning == "mask":
-                    tc = mask_channel(data.train.masks, data.train.n_labels); gc = torch.as_tensor(probe.cond)
-                r = trak_scores(unet, sched, rows, tn[data.unique], tt[data.unique], gen, probe.noise, probe.t,
+                    tc = mask_channel(data.train.masks, data.train.n_labels); gc = torch.as_tensor(probe.cond[sel])
+                r = trak_scores(unet, sched, rows, tn[data.unique], tt[data.unique], gen, probe.noise[sel], probe.t[sel],
                                 cfg.proj_dim, cfg.seed, device=ctx.device, train_cond=tc, target_cond=gc)
                 s = gather_rows(r, data.unique, U)
             elif m == "pixel_nn":
@@ -819,18 +896,23 @@ def _stage_scores(ctx:_Ctx, data:GTData, methods:Sequence[str], force:bool, name
             else: raise ValueError(f"unknown ground-truth method {m!r}; choose from {GT_METHODS}")
             out[m], per_row[m] = np.asarray(s, np.float64), np.asarray(r, np.float64); secs[m] = round(time.perf_counter() - t0, 2)
         tiebreak = np.random.default_rng([cfg.seed, 0x71E, int(name != "reference")]).random((len(gen), U))
-        _save_npz(ctx.folder/_OUT[name]["scores"][1], tiebreak=tiebreak, **{f"score_{m}": v for m, v in out.items()},
+        _save_npz(ctx.folder/_OUT[name]["scores"][1], tiebreak=tiebreak, index=sel.astype(np.int64), **{f"score_{m}": v for m, v in out.items()},
                   **{f"rowscore_{m}": v for m, v in per_row.items()})
-        return dict(seconds=secs)
+        return dict(seconds=secs, images=int(len(sel)))
     (samples, _), (stage, out) = _OUT[name]["samples"], _OUT[name]["scores"]
     inputs = dict(base=ctx.base_hash, methods=list(methods), samples=ctx.run.stage(f"{ctx.rel}/{samples}").get("input_hash"),
-                  explainers={m: ctx.run.stage(f"{ctx.rel}/explainer/{m}").get("input_hash") for m in methods if m in EXPLAINERS})
+                  explainers={e: ctx.run.stage(f"{ctx.rel}/explainer/{e}").get("input_hash") for e in _explainers_of(methods)})
     return ctx.run.run_stage(f"{ctx.rel}/{stage}", work, inputs, [f"{ctx.rel}/{out}"], force=force, params=dict(methods=list(methods)))
 
-def load_scores(folder:str|Path, name:str="reference") -> tuple[dict, np.ndarray]:
-    "({method: (N, U) scores}, tiebreak (N, U)) for the `reference` model's generated images (scores.npz) or the `probe` model's (probe_scores.npz)."
+def _explainers_of(methods:Sequence[str]) -> list[str]:
+    "The explainers (in `EXPLAINERS` order) that `methods` read."
+    used = {explainer_of(m) for m in methods}
+    return [e for e in EXPLAINERS if e in used]
+
+def load_scores(folder:str|Path, name:str="reference") -> tuple[dict, np.ndarray, np.ndarray]:
+    "({method: (n, U) scores}, tiebreak (n, U), index (n,)): scores of the `reference` model's generated images (scores.npz, all of them) or of the `probe` model's copies (probe_scores.npz); `index` says which generated images the rows are."
     z = _load_npz(Path(folder)/_OUT[name]["scores"][1])
-    return {k[6:]: v for k, v in z.items() if k.startswith("score_")}, z["tiebreak"]
+    return {k[6:]: v for k, v in z.items() if k.startswith("score_")}, z["tiebreak"], z["index"]
 
 def load_row_scores(folder:str|Path) -> dict:
     "{method: (N, rows) scores per training row} (the unit of the LDS) from a ground-truth folder's scores.npz."
@@ -838,41 +920,105 @@ def load_row_scores(folder:str|Path) -> dict:
     return {k[9:]: v for k, v in z.items() if k.startswith("rowscore_")}
 
 # %% ../nbs/13_groundtruth.ipynb #a5b0d9e0
+def _model_inputs(ctx:_Ctx, rows:np.ndarray) -> dict:
+    return dict(base=ctx.base_hash, rows=hash_inputs(np.asarray(rows).tolist()), version=GT_VERSION_TAG)
+
+def _record_model(ctx:_Ctx, data:GTData, key:str, rows:np.ndarray, info:dict, force:bool=True) -> str:
+    "Mark model `key` done in the manifest (its result.npz is written)."
+    summary = dict(n_unique=int(len(np.unique(data.unique[rows]))), n_rows=int(len(rows)), **info)
+    return ctx.run.run_stage(f"{ctx.rel}/model/{key}", lambda: summary, _model_inputs(ctx, rows),
+                             [f"{ctx.rel}/models/{key}/result.npz"], force=force, params=dict(n_rows=int(len(rows))))
+
 def _stage_model(ctx:_Ctx, data:GTData, rows:Sequence[int], force:bool) -> str:
+    "One model, trained alone (`train_gt_model`): the reference's evaluation, and every model of a mask-conditioned ground truth."
     key = rows_key(rows, len(data.train))
     folder = ctx.folder/"models"/key
     rows = np.sort(np.asarray(rows, dtype=np.int64))
-    def work():
-        probe, _ = _probe(ctx)
-        if key == "full":
-            unet, sched = _reference(ctx); info = dict(seconds=0.0, reused="reference model")
-        else:
-            unet, sched, res = train_gt_model(data, rows, ctx.cfg, ctx.run.profile, _init_state(ctx), folder/"checkpoints",
-                                              ctx.device, ctx.progress)
-            info = dict(seconds=round(res.seconds, 2), resumed_from=res.resumed_from, final_loss=float(np.mean(res.losses[-LOSS_WINDOW:])))
-        ev = evaluate_model(unet, sched, probe, ctx.cfg.sample_steps)
-        _save_npz(folder/"result.npz", regen=ev["regen"], output=ev["output"], rows=rows)
-        shutil.rmtree(folder/"checkpoints", ignore_errors=True)
-        return dict(n_unique=int(len(np.unique(data.unique[rows]))), n_rows=int(len(rows)), **info)
-    return ctx.run.run_stage(f"{ctx.rel}/model/{key}", work, dict(base=ctx.base_hash, rows=hash_inputs(rows.tolist()), version=GT_VERSION_TAG),
-                             [f"{ctx.rel}/models/{key}/result.npz"], force=force, params=dict(n_rows=int(len(rows))))
+    if not force and ctx.run.is_done(f"{ctx.rel}/model/{key}", _model_inputs(ctx, rows)): return "skipped"
+    probe, _ = _probe(ctx)
+    if key == "full":
+        unet, sched = _reference(ctx); info = dict(seconds=0.0, reused="reference model")
+    else:
+        unet, sched, res = train_gt_model(data, rows, ctx.cfg, ctx.run.profile, _init_state(ctx), folder/"checkpoints",
+                                          ctx.device, ctx.progress)
+        info = dict(seconds=round(res.seconds, 2), resumed_from=res.resumed_from, final_loss=float(np.mean(res.losses[-LOSS_WINDOW:])))
+    ev = evaluate_model(unet, sched, probe, ctx.cfg.sample_steps)
+    _save_npz(folder/"result.npz", regen=ev["regen"], output=ev["output"], rows=rows)
+    shutil.rmtree(folder/"checkpoints", ignore_errors=True)
+    return _record_model(ctx, data, key, rows, info)
+
+def _stage_ensemble(ctx:_Ctx, data:GTData, chunk:list, force:bool) -> dict:
+    "Train the models of `chunk` [(key, rows), ...] as one batch (`train_ensemble`), evaluate them together, record each."
+    cfg = ctx.cfg
+    keys = [k for k, _ in chunk]
+    tag = hash_inputs(dict(keys=keys, cfg=cfg.to_dict(), base=ctx.base_hash))
+    ck = ctx.folder/"ensembles"/tag[:12]
+    probe, _ = _probe(ctx)
+    prof = cfg.train_profile(ctx.run.profile)
+    ens = train_ensemble(_init_state(ctx), build_unet(prof, data.train.n_labels), make_scheduler(prof), data.train.images,
+                         [r for _, r in chunk], prof, checkpoint_dir=ck, tag=tag, progress=ctx.progress, device=ctx.device,
+                         ensemble_size=len(chunk))
+    sched = make_scheduler(prof)
+    regen = ensemble_generate(ens, sched, probe.seeds[probe.cf_index].tolist(), cfg.sample_steps)
+    output = -ensemble_losses(ens, sched, probe.images, probe.noise, probe.t).mean(2)
+    status = {}
+    for i, (key, rows) in enumerate(chunk):
+        _save_npz(ctx.folder/"models"/key/"result.npz", regen=regen[i], output=output[i], rows=rows)
+        info = dict(seconds=round(ens.seconds / len(chunk), 2), ensemble=tag[:12], ensemble_models=len(chunk),
+                    final_loss=float(np.mean(ens.losses[i][-LOSS_WINDOW:])))
+        status[key] = _record_model(ctx, data, key, rows, info)
+    shutil.rmtree(ck, ignore_errors=True)
+    return status
+
+def _stage_models(ctx:_Ctx, data:GTData, models:dict, force:bool) -> dict:
+    "Every planned model {key: rows} not yet done: the reference alone, the others `ensemble_size` at a time (one at a time when mask-conditioned)."
+    pending = [(k, np.sort(np.asarray(r, dtype=np.int64))) for k, r in models.items()
+               if force or not ctx.run.is_done(f"{ctx.rel}/model/{k}", _model_inputs(ctx, np.sort(np.asarray(r, dtype=np.int64))))]
+    status = {k: "skipped" for k in models if k not in dict(pending)}
+    alone = [(k, r) for k, r in pending if k == "full" or ctx.cfg.conditioning == "mask"]
+    batch = [(k, r) for k, r in pending if k not in dict(alone)]
+    for k, r in alone: status[k] = _stage_model(ctx, data, r, True)
+    size = max(1, int(ctx.cfg.ensemble_size))
+    chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
+    for j, chunk in enumerate(chunks):
+        if ctx.progress: print(f"groundtruth {ctx.cfg.version}: models {j * size + 1}-{j * size + len(chunk)} of {len(batch)} as one batch",
+                               file=sys.stderr, flush=True)
+        status.update(_stage_ensemble(ctx, data, chunk, force))
+    return status
 
 def _model_result(ctx:_Ctx, rows, n_rows:int) -> dict:
     return _load_npz(ctx.folder/"models"/rows_key(rows, n_rows)/"result.npz")
 
 # %% ../nbs/13_groundtruth.ipynb #a3be51b0
+LDS_ALPHA = 0.01   # the LDS test's level: a method "passes" the LDS when its permutation p is below this
+
+def _lds_row(m:str, row_scores:np.ndarray, outputs:np.ndarray, subsets:np.ndarray, n_boot:int, seed:int) -> tuple[dict, list]:
+    "One method's plain and centred LDS: mean, crossed CI, permutation p, null SD and MDE; and its per-image values."
+    r, per = dict(method=m), {}
+    for pre, c in (("lds", False), ("lds_c", True)):
+        l = lds_per_image(row_scores, outputs, subsets, centred=c)
+        pt = lds_permutation_test(row_scores, outputs, subsets, seed=seed, centred=c)
+        lo, hi = lds_bootstrap_ci(row_scores, outputs, subsets, centred=c, n_resamples=n_boot, seed=seed)
+        r.update({pre: float(np.nanmean(l)) if np.isfinite(l).any() else float("nan"), f"{pre}_ci_low": lo, f"{pre}_ci_high": hi,
+                  f"{pre}_n_images": int(np.isfinite(l).sum()), f"{pre}_null_sd": pt["null_sd"], f"{pre}_perm_p": pt["p"],
+                  f"{pre}_mde": lds_mde(pt["null_sd"], LDS_ALPHA)})
+        per[pre] = l
+    return r, [dict(method=m, generated=i, lds=float(a), lds_centred=float(b)) for i, (a, b) in enumerate(zip(per["lds"], per["lds_c"]))]
+
 def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subsets:np.ndarray, force:bool) -> str:
     cfg, prof = ctx.cfg, ctx.run.profile
     names = ["groundtruth", "groundtruth_counterfactual", "groundtruth_changes", "groundtruth_lds", "groundtruth_probe"]
     def work():
         probe, smp = _probe(ctx)
-        scores, tiebreak = load_scores(ctx.folder)
+        scores, tiebreak, _ = load_scores(ctx.folder)
         scores, row_scores = {m: scores[m] for m in methods}, load_row_scores(ctx.folder)
         U, R = data.n_unique, len(data.train)
-        # test 1: memorisation, on the probe model's generated images
-        pscores, ptb = load_scores(ctx.folder, "probe")
+        # test 1: memorisation, on the probe model's copies
+        pscores, ptb, pidx = load_scores(ctx.folder, "probe")
         psmp = _load_npz(ctx.folder/_OUT["probe"]["samples"][1])
-        mem, per_copy = memorisation_recovery({m: pscores[m] for m in methods}, psmp["source"], ptb)
+        psource = np.asarray(psmp["source"])[pidx]
+        mem, per_copy = memorisation_recovery({m: pscores[m] for m in methods}, psource, ptb, n_bootstrap=prof.n_bootstrap, seed=prof.seed)
+        per_copy["generated"] = pidx[per_copy["generated"].to_numpy(int)] if len(per_copy) else per_copy["generated"]
         # test 2: counterfactual
         unet, _ = _reference(ctx)
         ref = _model_result(ctx, range(R), R)["regen"]
@@ -883,19 +1029,15 @@ def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subset
             regen = _model_result(ctx, keep, R)["regen"]
             j = int(np.flatnonzero(probe.cf_index == r["image"])[0])
             chg = image_change(regen[j:j + 1], ref[j:j + 1], unet_block_features(unet, regen[j:j + 1]), f_ref[j:j + 1])
-            rows.append(dict(image=r["image"], method=r["method"], kind=r["kind"], model=rows_key(keep, R),
+            rows.append(dict(image=r["image"], method=r["method"], kind=r["kind"], k=r["k"], model=rows_key(keep, R),
                              copy_of_planted=int(smp["source"][r["image"]]), **{k: float(v[0]) for k, v in chg.items()}))
         changes = pd.DataFrame(rows)
         cf = counterfactual_effects(changes, prof.n_bootstrap, prof.seed) if len(changes) else pd.DataFrame()
-        # test 3: LDS
+        # test 3: LDS, plain and centred
         outputs = np.stack([_model_result(ctx, s, R)["output"] for s in subsets])
         lds_rows, per_img = [], []
         for m in scores:
-            l = lds_per_image(row_scores[m], outputs, subsets); st = summarize(l, prof.n_bootstrap, prof.seed)
-            pt = lds_permutation_test(row_scores[m], outputs, subsets, seed=prof.seed)
-            lds_rows.append(dict(method=m, lds=st["mean"], lds_ci_low=st["ci95_low"], lds_ci_high=st["ci95_high"], lds_n_images=st["n"],
-                                 lds_null_sd=pt["null_sd"], lds_perm_p=pt["p"]))
-            per_img += [dict(method=m, generated=i, lds=float(v)) for i, v in enumerate(l)]
+            r, per = _lds_row(m, row_scores[m], outputs, subsets, prof.n_bootstrap, prof.seed); lds_rows.append(r); per_img += per
         tab = _summary_table(methods, mem, cf, pd.DataFrame(lds_rows), cfg, U, len(data.train), subsets.shape[0])
         tdir = ctx.run/"tables"
         for name, df in zip(names, (tab, cf, changes, pd.DataFrame(per_img), per_copy)):
@@ -903,10 +1045,10 @@ def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subset
         atomic_write(tdir/"groundtruth.md", groundtruth_markdown(tab, cfg))
         fig = groundtruth_figure(tab, cfg)
         _save_fig(fig, ctx.run)
-        return dict(version=cfg.version, n_copies=int((psmp["source"] >= 0).sum()), models=len({r["model"] for r in rows}))
+        return dict(version=cfg.version, n_copies=int(len(pidx)), models=len({r["model"] for r in rows}))
     inputs = dict(base=ctx.base_hash, methods=list(methods), scores=ctx.run.stage(f"{ctx.rel}/scores").get("input_hash"),
                   probe_scores=ctx.run.stage(f"{ctx.rel}/probe-scores").get("input_hash"),
-                  n_bootstrap=prof.n_bootstrap, version=GT_VERSION_TAG, table=2)
+                  n_bootstrap=prof.n_bootstrap, version=GT_VERSION_TAG, table=5)
     return ctx.run.run_stage(f"{ctx.rel}/table", work, inputs, [f"tables/{n}.csv" for n in names] + ["tables/groundtruth.md",
                              "figures/groundtruth.html"], force=force)
 
@@ -916,9 +1058,9 @@ def _summary_table(methods, mem:pd.DataFrame, cf:pd.DataFrame, lds:pd.DataFrame,
     t = pd.DataFrame(dict(method=list(methods), label=[GT_LABELS.get(m, m) for m in methods]))
     t = t.merge(mem, on="method", how="left")
     if len(cf):
-        c = cf[cf.measure == "one_minus_ssim"][["method", "n_images", "top", "random", "bottom", "effect_vs_random", "effect_vs_random_ci_low",
-                                               "effect_vs_random_ci_high", "effect_vs_bottom", "effect_vs_bottom_ci_low", "effect_vs_bottom_ci_high"]]
-        c = c.rename(columns={"n_images": "cf_n_images", "top": "cf_change_topk", "random": "cf_change_random", "bottom": "cf_change_bottomk",
+        c = cf[cf.measure == "one_minus_ssim"][["method", "n_images", "mean_k", "top", "random", "effect_vs_random", "effect_vs_random_ci_low",
+                                               "effect_vs_random_ci_high"]]
+        c = c.rename(columns={"n_images": "cf_n_images", "mean_k": "cf_mean_k", "top": "cf_change_topk", "random": "cf_change_random",
                               **{k: "cf_" + k for k in c.columns if k.startswith("effect")}})
         t = t.merge(c, on="method", how="left")
     t = t.merge(lds, on="method", how="left")
@@ -926,44 +1068,117 @@ def _summary_table(methods, mem:pd.DataFrame, cf:pd.DataFrame, lds:pd.DataFrame,
     t["cf_measure"] = "1 - SSIM"
     return t
 
+def _col(r, k:str) -> float:
+    v = r[k] if k in r else float("nan")
+    try: return float(v)
+    except (TypeError, ValueError): return float("nan")
+
+def _est(r, k:str, n:int, n_min:int=MIN_UNITS, ci:str|None=None) -> str:
+    "'value [lo, hi]' (CI columns `ci`_low/_high, default `k`_ci_low/_high) with the CI only for n >= n_min ('n too small' in its place), 'n/a' for no value."
+    v = _col(r, k)
+    if not np.isfinite(v): return "n/a"
+    ci = ci or f"{k}_ci"
+    ci = format_ci(_col(r, f"{ci}_low"), _col(r, f"{ci}_high"), n, n_min)
+    return f"{v:.3f} {ci}".strip() if ci != TOO_SMALL else f"{v:.3f} (CI: {TOO_SMALL})"
+
+def _p(r, k:str) -> str:
+    v = _col(r, k)
+    return "n/a" if not np.isfinite(v) else (f"{v:.4f}" if v >= 1e-4 else "<0.0001")
+
 def groundtruth_markdown(tab:pd.DataFrame, cfg:GTConfig) -> str:
-    "The main table as markdown, headed by the version that produced it."
-    fmt = lambda v, lo, hi: "n/a" if not np.isfinite(v) else (f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{v:.3f}")
-    col = lambda r, k: r[k] if k in r and r[k] == r[k] else float("nan")
+    "The headline table as markdown, headed by the version that produced it and followed by the finding (`groundtruth_finding`)."
     rows = []
     for _, r in tab.iterrows():
-        rows.append({"method": r["label"], "copies": int(r["n_copies"]) if r["n_copies"] == r["n_copies"] else 0,
-                     "top-1 recovery [95% CI]": fmt(col(r, "top1_recovery"), col(r, "top1_ci_low"), col(r, "top1_ci_high")),
-                     "top-5 recovery": fmt(col(r, "top5_recovery"), col(r, "top5_ci_low"), col(r, "top5_ci_high")),
-                     "counterfactual effect, 1-SSIM, top-k minus random [95% CI]": fmt(col(r, "cf_effect_vs_random"), col(r, "cf_effect_vs_random_ci_low"), col(r, "cf_effect_vs_random_ci_high")),
-                     "top-k minus bottom-k": fmt(col(r, "cf_effect_vs_bottom"), col(r, "cf_effect_vs_bottom_ci_low"), col(r, "cf_effect_vs_bottom_ci_high")),
-                     "CF images": int(col(r, "cf_n_images")) if np.isfinite(col(r, "cf_n_images")) else 0,
-                     "LDS [95% CI]": fmt(col(r, "lds"), col(r, "lds_ci_low"), col(r, "lds_ci_high")),
-                     "LDS images": int(r["lds_n_images"]) if r.get("lds_n_images") == r.get("lds_n_images") else 0,
-                     "LDS p, subsets shuffled": f"{col(r, 'lds_perm_p'):.3f}" if np.isfinite(col(r, "lds_perm_p")) else "n/a"})
-    head = (f"**Ground truth, {cfg.version.upper()} version** ({cfg.describe()}).\n"
-            + ("Minimal version: CPU-sized pipeline check; its numbers are not properties of the methods at scale.\n" if cfg.version == "minimal" else "")
-            + f"Copies: images generated by the probe model ({cfg.probe_steps} steps) that copy a planted training image; "
-            + "recovery is over them.  Random scores: counterfactual effect is n/a (their top-k is a random set, the reference itself).  "
-            + "CIs are over generated images given this run's models: they leave out the variation from the choice of "
-            + f"LDS subsets ({int(tab['lds_subsets'].iloc[0])} here) and are not meaningful for fewer than about 10 counterfactual images; "
-            + "the LDS p-value does include it (the mean LDS against the subset models shuffled, `lds_permutation_test`).\n\n")
-    return head + markdown_table(pd.DataFrame(rows)) + "\n"
+        n_src, n_cf = int(_col(r, "n_sources") if np.isfinite(_col(r, "n_sources")) else 0), int(_col(r, "cf_n_images") if np.isfinite(_col(r, "cf_n_images")) else 0)
+        M = int(_col(r, "lds_subsets"))
+        rows.append({"method": r["label"],
+                     "memorisation top-1 [95% CI]": _est(r, "top1_recovery", n_src, ci="top1_ci"),
+                     "top-5": _est(r, "top5_recovery", n_src, ci="top5_ci"),
+                     "counterfactual: Δ(1-SSIM), top-k − random-k [95% CI]": _est(r, "cf_effect_vs_random", n_cf),
+                     "mean k": f"{_col(r, 'cf_mean_k'):.1f}" if np.isfinite(_col(r, "cf_mean_k")) else "n/a",
+                     "LDS [95% CI]": _est(r, "lds", M), "LDS p": _p(r, "lds_perm_p"),
+                     "centred LDS [95% CI]": _est(r, "lds_c", M), "centred p": _p(r, "lds_c_perm_p")})
+    r0 = tab.iloc[0]
+    head = (f"**Which method points at the training images that shaped a generated image?**  Ground truth, "
+            f"{cfg.version.upper()} version ({cfg.describe()}).\n"
+            + ("Minimal version: CPU-sized; its numbers are about these small models, not properties of the methods at scale.\n" if cfg.version == "minimal" else "")
+            + f"Memorisation: {int(_col(r0, 'n_copies') or 0)} images generated by the probe model copy a planted image, "
+            + f"{int(_col(r0, 'n_sources') or 0)} distinct planted images among them (chance top-1 = 1/{int(_col(r0, 'n_unique'))}); "
+            + f"CIs resample planted images (cluster bootstrap), shown for >= {MIN_UNITS} of them.  "
+            + f"Counterfactual: {int(_col(r0, 'cf_n_images') or 0) if np.isfinite(_col(r0, 'cf_n_images')) else 0} images, each method removes its top-k "
+            + "(k = its support, at most gt_topk) and is compared with k random images; bootstrap CI over images.  "
+            + f"LDS over {int(_col(r0, 'lds_subsets'))} subset models: CI resamples images and subsets; p from {LDS_PERMUTATIONS} "
+            + f"shuffles of the subset models (two-sided); the minimum detectable mean LDS at level {LDS_ALPHA}, power 0.8, is "
+            + f"{np.nanmedian(tab['lds_mde']):.3f} (plain) and {np.nanmedian(tab['lds_c_mde']):.3f} (centred), median over methods.\n\n")
+    return head + markdown_table(pd.DataFrame(rows)) + "\n\n" + groundtruth_finding(tab, cfg) + "\n"
+
+def _best_and_below(t:pd.DataFrame, col:str, exclude=("random",)) -> tuple[str|None, list]:
+    "The method with the largest `col`, and the methods whose 95 % CI lies wholly below the best one's CI."
+    v = t.drop(index=[m for m in exclude if m in t.index])[col].astype(float)
+    if not v.notna().any(): return None, []
+    best = v.idxmax(); lo = t.loc[best, f"{col}_ci_low"] if f"{col}_ci_low" in t else np.nan
+    below = [m for m in v.index if m != best and np.isfinite(lo) and np.isfinite(t.loc[m, f"{col}_ci_high"]) and t.loc[m, f"{col}_ci_high"] < lo]
+    return best, below
+
+def groundtruth_finding(tab:pd.DataFrame, cfg:GTConfig) -> str:
+    "One paragraph saying what the headline table shows: which methods each test separates from chance, and which from the best by their CIs."
+    lab = dict(zip(tab.method, tab.label))
+    t = tab.set_index("method").copy()
+    t["top1"], t["top1_ci_low"], t["top1_ci_high"] = t["top1_recovery"], t["top1_ci_low"], t["top1_ci_high"]
+    def ok(v): return v is not None and np.isfinite(v)
+    def ranked(col:str, what:str, fmt:str="{:.2f}") -> str:
+        best, below = _best_and_below(t, col)
+        if best is None: return ""
+        return (f" Highest: {lab[best]} ({fmt.format(t.loc[best, col])})" + (f"; {_names(below, lab)} lie{'s' if len(below) == 1 else ''} "
+                f"below it by their CIs" if below else f"; no other method is separated from it by the CIs") + ".")
+    parts = []
+    n_src = int(np.nanmax(tab["n_sources"])) if "n_sources" in tab and tab["n_sources"].notna().any() else 0
+    if n_src < MIN_UNITS:
+        parts.append(f"The memorisation probe found copies of {n_src} planted images, too few to rank the methods ({TOO_SMALL}).")
+    else:
+        chance = float(t["chance_top1"].dropna().iloc[0])
+        above = [m for m in t.index if m != "random" and ok(t.loc[m, "top1_ci_low"]) and t.loc[m, "top1_ci_low"] > chance]
+        parts.append(f"Memorisation ({int(np.nanmax(tab['n_copies']))} copies of {n_src} planted images): {_names(above, lab) or 'no method'} "
+                     f"recover{'s' if len(above) == 1 else ''} the planted source above chance (top-1 CI above {chance:.3f})." + ranked("top1", "top-1"))
+    if "cf_effect_vs_random" in t:
+        n_cf = int(np.nanmax(tab["cf_n_images"])) if tab["cf_n_images"].notna().any() else 0
+        if n_cf < MIN_UNITS: parts.append(f"The counterfactual test has {n_cf} images ({TOO_SMALL} for an interval).")
+        else:
+            pos = [m for m in t.index if ok(t.loc[m, "cf_effect_vs_random_ci_low"]) and t.loc[m, "cf_effect_vs_random_ci_low"] > 0]
+            parts.append(f"Counterfactual ({n_cf} images): removing the top-k of {_names(pos, lab) or 'no method'} changes the regenerated image "
+                         f"more than removing as many random images (CI above 0)." + ranked("cf_effect_vs_random", "effect", "{:+.4f}"))
+    for pre, what in (("lds", "LDS"), ("lds_c", "Centred LDS")):
+        if f"{pre}_perm_p" not in t: continue
+        def passes(m, sign): return ok(t.loc[m, f"{pre}_perm_p"]) and t.loc[m, f"{pre}_perm_p"] < LDS_ALPHA and sign * t.loc[m, pre] > 0
+        sig = [m for m in t.index if m != "random" and passes(m, 1)]
+        neg = [m for m in t.index if m != "random" and passes(m, -1)]
+        mde = float(np.nanmedian(t[f"{pre}_mde"]))
+        rnd = "random" in t.index and (passes("random", 1) or passes("random", -1))
+        parts.append(f"{what} ({int(t[f'lds_subsets'].iloc[0])} subsets): {_names(sig, lab) or 'no method'} reach{'es' if len(sig) <= 1 else ''} "
+                     f"a positive mean with p < {LDS_ALPHA} (minimum detectable mean {what.replace('Centred', 'centred')} {mde:.2f})"
+                     + (f"; {_names(neg, lab)} {'is' if len(neg) == 1 else 'are'} significantly *negative*" if neg else "")
+                     + ("; random scores reach p < 0.01 too, so read it with care." if rnd else ".") + (ranked(pre, what, "{:+.3f}") if sig else ""))
+    return f"**Finding ({cfg.version} version).** " + " ".join(parts)
+
+def _names(ms:Sequence[str], lab:dict) -> str:
+    ms = [lab.get(m, m) for m in ms]
+    return ", ".join(ms[:-1]) + (" and " if len(ms) > 1 else "") + ms[-1] if ms else ""
 
 # %% ../nbs/13_groundtruth.ipynb #2e31395b
 def groundtruth_figure(tab:pd.DataFrame, cfg:GTConfig):
-    "Three panels, one bar per method with its 95 % CI: top-1 memorisation recovery, counterfactual effect (1 - SSIM, top-k minus random), LDS."
+    "Four panels, one bar per method with its 95 % CI: top-1 memorisation recovery, counterfactual effect (1 - SSIM, top-k minus random-k), LDS, centred LDS."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     panels = (("top1_recovery", "top1_ci_low", "top1_ci_high", "memorisation: top-1 recovery"),
-              ("cf_effect_vs_random", "cf_effect_vs_random_ci_low", "cf_effect_vs_random_ci_high", "counterfactual: Δ(1-SSIM) top-k − random"),
-              ("lds", "lds_ci_low", "lds_ci_high", "LDS (Spearman)"))
-    fig = make_subplots(rows=1, cols=3, subplot_titles=[p[3] for p in panels], horizontal_spacing=0.08)
+              ("cf_effect_vs_random", "cf_effect_vs_random_ci_low", "cf_effect_vs_random_ci_high", "counterfactual: Δ(1-SSIM) top-k − random-k"),
+              ("lds", "lds_ci_low", "lds_ci_high", "LDS (Spearman)"), ("lds_c", "lds_c_ci_low", "lds_c_ci_high", "centred LDS"))
+    fig = make_subplots(rows=1, cols=4, subplot_titles=[p[3] for p in panels], horizontal_spacing=0.06)
     labels = [GT_LABELS.get(m, m) for m in tab.method]
     colors = [method_color(m, i) for i, m in enumerate(tab.method)]
     for c, (y, lo, hi, title) in enumerate(panels, 1):
         if y not in tab: continue
-        v = tab[y].to_numpy(float); l = tab[lo].to_numpy(float); h = tab[hi].to_numpy(float)
+        v = tab[y].to_numpy(float)
+        l = tab[lo].to_numpy(float) if lo in tab else v; h = tab[hi].to_numpy(float) if hi in tab else v
         fig.add_trace(go.Bar(x=labels, y=v, marker_color=colors, showlegend=False, name=title,
                              error_y=dict(type="data", symmetric=False, array=np.nan_to_num(h - v), arrayminus=np.nan_to_num(v - l)),
                              hovertemplate="%{x}<br>%{y:.3f}<extra>" + title + "</extra>"), row=1, col=c)
@@ -974,7 +1189,7 @@ def groundtruth_figure(tab:pd.DataFrame, cfg:GTConfig):
         fig.add_annotation(text="no generated image<br>copies a planted image", x=0.5, y=0.5, xref="x domain", yref="y domain",
                            showarrow=False, row=1, col=1)
     fig.update_layout(title=dict(text=f"Ground truth ({cfg.version} version): does the influence point at the right training images?",
-                                 x=0.5, xanchor="center"), width=1200, height=480, margin=dict(b=160))
+                                 x=0.5, xanchor="center"), width=1500, height=500, margin=dict(b=190))
     fig.update_xaxes(tickangle=-40)
     return fig
 
@@ -1012,12 +1227,11 @@ def run_experiment(
     note("samples", _stage_samples(ctx, data, force))
     note("probe", _stage_whole(ctx, data, "probe", force))
     note("probe-samples", _stage_samples(ctx, data, force, "probe"))
-    for m in methods:
-        if m in EXPLAINERS: note(f"explainer/{m}", _stage_explainer(ctx, data, m, force))
+    for e in _explainers_of(methods): note(f"explainer/{e}", _stage_explainer(ctx, data, e, force))
     note("scores", _stage_scores(ctx, data, methods, force))
     note("probe-scores", _stage_scores(ctx, data, methods, force, "probe"))
     probe, _ = _probe(ctx)
-    scores, tiebreak = load_scores(ctx.folder)
+    scores, tiebreak, _ = load_scores(ctx.folder)
     plan = removal_sets({m: scores[m] for m in methods}, probe.cf_index, cfg.topk, tiebreak, cfg.seed)
     R = len(data.train)
     subsets = lds_subsets(R, cfg.subsets, cfg.seed)
@@ -1025,9 +1239,6 @@ def run_experiment(
     for r in plan:
         rows = data.rows_of(np.setdiff1d(np.arange(data.n_unique), r["removed"])); models.setdefault(rows_key(rows, R), rows)
     for s in subsets: models.setdefault(rows_key(s, R), s)
-    bar = tqdm(list(models.items()), desc=f"groundtruth {cfg.version} models", unit="model", disable=not progress, leave=True)
-    for key, rows in bar:
-        status[f"model/{key}"] = _stage_model(ctx, data, rows, force)
-    bar.close()
+    status.update({f"model/{k}": v for k, v in _stage_models(ctx, data, models, force).items()})
     note("table", _stage_table(ctx, data, methods, plan, subsets, force))
     return status

@@ -16,8 +16,8 @@ from .core import atomic_write
 
 # %% auto #0
 __all__ = ['MIN_UNITS', 'MIN_SEEDS', 'TOO_SMALL', 'bootstrap_ci', 'summarize', 'format_mean_sd', 'hierarchical_bootstrap_ci',
-           'hierarchical_summary', 'format_estimate', 'format_ci', 'minimum_detectable_effect', 'markdown_table',
-           'write_table']
+           'hierarchical_summary', 'cluster_bootstrap_ci', 'format_estimate', 'format_ci', 'minimum_detectable_effect',
+           'markdown_table', 'write_table']
 
 # %% ../nbs/08_stats.ipynb #6f1d8446
 def bootstrap_ci(
@@ -115,6 +115,28 @@ def hierarchical_summary(
     lo, hi = hierarchical_bootstrap_ci(t, n_resamples=n_resamples, seed=seed)
     return dict(mean=float(np.nanmean(t)), sd_seeds=sd(np.nanmean(t, 1)), sd_units=sd(np.nanmean(t, 0)),
                 n_seeds=t.shape[0], n_units=t.shape[1], ci95_low=lo, ci95_high=hi)
+
+# %% ../nbs/08_stats.ipynb #5e2b7d41
+def cluster_bootstrap_ci(
+    values, # (n,) one value per observation (e.g. 1 if a method ranked a copy's source first, else 0)
+    clusters, # (n,) cluster of each observation (e.g. the planted image it copies)
+    confidence:float=0.95, # confidence level of the interval
+    n_resamples:int=1000, # bootstrap resamples
+    seed:int=0, # seed of the resampling generator
+) -> tuple[float, float]:
+    "Percentile CI of the pooled mean of `values`, resampling whole clusters with replacement; (nan, nan) for < 2 clusters."
+    v = np.asarray(values, dtype=float); c = np.asarray(clusters)
+    if v.shape != c.shape or v.ndim != 1: raise ValueError(f"values and clusters must be 1-D of one length, got {v.shape} and {c.shape}")
+    if not 0 < confidence < 1: raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    ok = np.isfinite(v); v, c = v[ok], c[ok]
+    ids, inv = np.unique(c, return_inverse=True)
+    K = len(ids)
+    if K < 2: return (float("nan"), float("nan"))
+    sums, counts = np.bincount(inv, v, K), np.bincount(inv, minlength=K).astype(float)
+    draw = np.random.default_rng(seed).integers(0, K, (int(n_resamples), K))
+    m = sums[draw].sum(1) / counts[draw].sum(1)          # pooled mean of the drawn clusters' members
+    a = (1 - confidence) / 2
+    return float(np.quantile(m, a)), float(np.quantile(m, 1 - a))
 
 # %% ../nbs/08_stats.ipynb #aad5c1b3
 MIN_UNITS = 10   # fewest units (generated images, prototypes, subsets) for a mean's CI to be shown

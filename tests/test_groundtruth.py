@@ -47,10 +47,42 @@ def test_memorisation_probe_recovers_planted_with_pixel_nn_and_fails_with_random
     mem, per = G.memorisation_recovery(scores, cp.source, tb)
     mem = mem.set_index("method")
     assert mem.loc["pixel_nn", "top1_recovery"] == 1.0 and mem.loc["pixel_nn", "top5_recovery"] == 1.0
-    assert mem.loc["pixel_nn", "n_copies"] == n_copy and mem.loc["pixel_nn", "top1_ci_low"] > 0.7
-    assert mem.loc["random", "top1_recovery"] <= 0.25 and mem.loc["random", "top1_ci_low"] < 1 / d.n_unique + 0.05
+    assert mem.loc["pixel_nn", "n_copies"] == n_copy and mem.loc["pixel_nn", "n_sources"] == 3
+    assert mem.top1_ci_low.isna().all()                         # 3 planted sources: too few clusters for an interval
+    assert mem.loc["random", "top1_recovery"] <= 0.25
     assert mem.loc["anti", "top1_recovery"] == 0.0 and mem.loc["anti", "top5_recovery"] == 0.0
     assert (per[per.method == "anti"]["rank"] == d.n_unique).all()
+
+
+def test_recovery_ci_is_clustered_by_planted_image():
+    "12 planted images x 10 copies: hits shared within a planted image give the width of 12 draws, not of 120."
+    from mri_protodiff.stats import bootstrap_ci
+    src = np.repeat(np.arange(12), 10)
+    found = np.isin(src, np.arange(6))                          # a method that finds the source of 6 planted images, every copy
+    scores = np.zeros((120, 12)); scores[np.arange(120), np.where(found, src, (src + 1) % 12)] = 1
+    mem, _ = G.memorisation_recovery({"m": scores}, src, np.zeros((120, 12)), n_bootstrap=2000)
+    r = mem.iloc[0]
+    assert r.top1_recovery == 0.5 and r.n_sources == 12
+    naive = bootstrap_ci(found.astype(float))                    # copies treated as independent
+    assert (r.top1_ci_high - r.top1_ci_low) > 2.5 * (naive[1] - naive[0])
+
+
+def test_copy_criterion_uses_no_scored_method(monkeypatch):
+    "The copy criterion decides the known sources: it must run, and decide the same, with every scoring function disabled."
+    tr, va, te = _splits(16)
+    d = G.plant_training_set(tr, va, te, G.gt_config(get_profile("smoke"), image_size=32, max_unique=32, planted=3, copies=5))
+    uniq = d.train.images[:d.n_unique]
+    gen = np.concatenate([uniq[d.planted] + 0.03 * np.random.default_rng(1).normal(size=uniq[d.planted].shape), d.test.images[:4]]).astype(np.float32)
+    before = G.detect_copies(gen, uniq, d.val.images, d.planted)
+    def banned(*a, **k): raise AssertionError("the copy criterion called a scored method")
+    for name in ("pixel_distances", "unet_block_features", "trak_scores", "explainer_nis", "explainer_full_nis", "paper_nis", "gather_rows"):
+        monkeypatch.setattr(G, name, banned)
+    after = G.detect_copies(gen, uniq, d.val.images, d.planted)
+    np.testing.assert_array_equal(before.source, after.source)
+    assert (after.source[:3] == d.planted).all() and (after.source[3:] == -1).all()
+    # only a planted image is a known source: an exact copy of an unplanted training image is a copy without one
+    other = np.setdiff1d(np.arange(d.n_unique), d.planted)[:2]
+    assert (G.detect_copies(uniq[other], uniq, d.val.images, d.planted).source == -1).all()
 
 
 def test_copy_criterion_needs_held_out_and_rejects_blur():
@@ -99,6 +131,25 @@ def test_lds_permutation_null_is_wide_when_images_move_together():
     assert np.isnan(G.lds_permutation_test(np.zeros((N, U)), outputs, subsets)["mean"])   # constant scores: undefined
 
 
+def test_centred_lds_removes_the_factor_all_images_share():
+    "Scores that only know which training rows are 'good in general' score a high plain LDS when the outputs share that factor; centred, ~0."
+    rng = np.random.default_rng(4)
+    U, N, M = 40, 150, 64
+    subsets = G.lds_subsets(U, M, seed=5)
+    specific = rng.normal(size=(N, U)); shared = rng.normal(size=U)
+    q = np.array([shared[s].sum() for s in subsets])
+    outputs = np.stack([specific[:, s].sum(1) for s in subsets]) + 4 * q[:, None] + 0.5 * rng.normal(size=(M, N))
+    blind = np.tile(shared, (N, 1)) + 0.01 * rng.normal(size=(N, U))
+    plain = G.lds_permutation_test(blind, outputs, subsets, n_perm=2000)
+    centred = G.lds_permutation_test(blind, outputs, subsets, n_perm=2000, centred=True)
+    assert plain["mean"] > 0.7 and abs(centred["mean"]) < 0.1 and centred["p"] > 0.01
+    good = G.lds_permutation_test(specific, outputs, subsets, n_perm=2000, centred=True)
+    assert good["mean"] > 0.5 and good["p"] < 0.01
+    lo, hi = G.lds_bootstrap_ci(specific, outputs, subsets, centred=True, n_resamples=300)
+    assert lo <= good["mean"] <= hi and hi - lo < 0.3
+    assert G.lds_mde(centred["null_sd"]) > 3 * centred["null_sd"]
+
+
 # ---------------------------------------------------------------- the stage: determinism, resume, outputs
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -116,18 +167,28 @@ def test_run_groundtruth_writes_tables_and_figure(tiny_run):
     tab = pd.read_csv(run/"tables"/"groundtruth.csv")
     assert list(tab.method) == list(G.GT_METHODS)
     assert set(tab.version) == {"minimal"} and tab.setup.str.startswith("minimal: 16x16").all()
-    for col in ("top1_recovery", "top1_ci_low", "cf_effect_vs_random", "cf_effect_vs_bottom", "lds", "lds_ci_low", "lds_perm_p", "lds_null_sd", "n_copies"):
-        assert col in tab.columns
+    for col in ("top1_recovery", "top1_ci_low", "n_sources", "cf_effect_vs_random", "cf_mean_k", "lds", "lds_ci_low", "lds_perm_p", "lds_null_sd",
+                "lds_mde", "lds_c", "lds_c_ci_low", "lds_c_perm_p", "lds_c_mde", "n_copies"):
+        assert col in tab.columns, col
     r = tab.set_index("method")
     assert np.isnan(r.loc["random", "cf_effect_vs_random"])       # random scores have no counterfactual of their own
     assert np.isfinite(r.loc["pixel_nn", "cf_change_topk"]) and r.loc["pixel_nn", "cf_n_images"] == 1
     assert r.loc["pixel_nn", "lds_subsets"] == 3
     md = (run/"tables"/"groundtruth.md").read_text()
-    assert "MINIMAL version" in md and "not properties of the methods at scale" in md and "LDS p, subsets shuffled" in md
+    assert "MINIMAL version" in md and "not properties of the methods at scale" in md and "centred LDS" in md and "**Finding (minimal version).**" in md
     assert ((tab.lds_perm_p.dropna() >= 0) & (tab.lds_perm_p.dropna() <= 1)).all() and tab.lds_perm_p.notna().any()
     assert (run/"figures"/"groundtruth.html").exists()
     ch = pd.read_csv(run/"tables"/"groundtruth_changes.csv")
-    assert set(ch.kind) == {"top", "bottom", "random"} and (ch[["one_minus_ssim", "l2", "feature"]] >= 0).all().all()
+    assert set(ch.kind) == {"top", "random"} and (ch[["one_minus_ssim", "l2", "feature"]] >= 0).all().all()
+    # every top-k removal is compared with a random removal of the same size, for the same image
+    for _, r in ch[ch.kind == "top"].iterrows():
+        assert ((ch.kind == "random") & (ch.image == r.image) & (ch.k == r.k)).any()
+    # push NIS removes at most its support; the full-support variants the whole top-k
+    sc, _, _ = G.load_scores(run/"groundtruth"/"minimal")
+    for m in ("ppnet", "protopool"):
+        for _, r in ch[(ch.method == m) & (ch.kind == "top")].iterrows():
+            assert r.k == min(run.profile.groundtruth.gt_topk, int((sc[m][int(r.image)] > 0).sum()))
+    assert (ch[(ch.method == "ppnet_full") & (ch.kind == "top")].k == run.profile.groundtruth.gt_topk).all()
     # removing nothing changes nothing: the reference model regenerates its own images (up to the float
     # summation order of a different batch size: the counterfactual images are regenerated as one batch)
     smp = np.load(run/"groundtruth"/"minimal"/"samples.npz")
@@ -144,36 +205,45 @@ def test_models_are_deduplicated_and_everything_resumes(tiny_run):
     assert set(st2.values()) == {"skipped"}
 
 
-def test_counterfactual_stage_reproduces_bit_for_bit(tiny_run, tmp_path):
+def test_an_ensemble_model_equals_the_same_model_trained_alone_and_runs_repeat(tiny_run, tmp_path):
     run, _ = tiny_run
     folder = run/"groundtruth"/"minimal"/"models"
     key = sorted(p.name for p in folder.iterdir() if p.name != "full")[0]
     before = dict(np.load(folder/key/"result.npz"))
-    # 1. the same stage redone in the same run
+    assert read_json(run/"manifest.json")["stages"][f"groundtruth/minimal/model/{key}"]["summary"]["ensemble_models"] > 1
+    # 1. the same model trained alone (train_diffusion) instead of in a batch of models: equal up to float rounding
     ctx = G._context(run, "minimal", "cpu", False, **TINY)
     data = G.load_gt_data(ctx.folder/"data.npz")
     assert G._stage_model(ctx, data, before["rows"], force=True) == "done"
     after = dict(np.load(folder/key/"result.npz"))
-    for k in ("regen", "output", "rows"): np.testing.assert_array_equal(before[k], after[k])
+    np.testing.assert_array_equal(before["rows"], after["rows"])
+    np.testing.assert_allclose(after["regen"], before["regen"], atol=1e-3)
+    np.testing.assert_allclose(after["output"], before["output"], rtol=1e-3, atol=1e-5)
     assert not (folder/key/"checkpoints").exists()
-    # 2. a fresh run directory with the same seed gives the same bytes
+    # 2. a fresh run directory with the same seed gives the same bytes (reference) and the same LDS models
     run2 = RunDir(tmp_path/"run2", run.profile); run_data(run2)
     G.run_experiment(run2, "minimal", methods=("pixel_nn",), device="cpu", progress=False, **TINY)
-    again = np.load(tmp_path/"run2"/"groundtruth"/"minimal"/"models"/"full"/"result.npz")
-    ref = np.load(folder/"full"/"result.npz")
+    f2 = tmp_path/"run2"/"groundtruth"/"minimal"/"models"
+    again, ref = np.load(f2/"full"/"result.npz"), np.load(folder/"full"/"result.npz")
     np.testing.assert_array_equal(again["regen"], ref["regen"]); np.testing.assert_array_equal(again["output"], ref["output"])
+    subs = [G.rows_key(r, len(data.train)) for r in G.lds_subsets(len(data.train), run.profile.groundtruth.gt_subsets, run.profile.seed)]
+    sub = [k for k in subs if k != key][0]                                 # not the one retrained alone above
+    np.testing.assert_allclose(np.load(f2/sub/"result.npz")["output"], np.load(folder/sub/"result.npz")["output"], rtol=1e-5, atol=1e-6)
 
 
 def test_removing_the_planted_source_is_in_the_top_k_of_pixel_nn(tiny_run):
     run, _ = tiny_run
     folder = run/"groundtruth"/"minimal"
-    scores, tb = G.load_scores(folder)
+    scores, tb, idx = G.load_scores(folder)
     data = G.load_gt_data(folder/"data.npz")
+    np.testing.assert_array_equal(idx, np.arange(TINY["n_generated"]))
     assert set(scores) == set(G.GT_METHODS) and all(s.shape == (TINY["n_generated"], data.n_unique) for s in scores.values())
     # the reference images themselves, scored by pixel distance to the distinct training images
     np.testing.assert_allclose(scores["pixel_nn"], -G.pixel_distances(np.load(folder/"samples.npz")["images"], data.train.images[:data.n_unique]))
-    for m in ("ppnet", "eppnet", "protopool", "paper"):
+    for m in ("ppnet", "eppnet", "protopool", "ppnet_full", "eppnet_full", "protopool_full", "paper"):
         np.testing.assert_allclose(scores[m].sum(1), 1.0, rtol=1e-6)    # NIS are shares: they sum to 1 over training images
+    for m in ("ppnet_full", "eppnet_full", "protopool_full"):
+        assert (scores[m] > 0).all()                                     # full support: every training image
     # the LDS unit is the row: per-row scores sum back to the per-image scores (shares) or repeat them (similarities)
     rows = G.load_row_scores(folder)
     assert set(rows) == set(G.GT_METHODS) and all(r.shape == (TINY["n_generated"], len(data.train)) for r in rows.values())
@@ -228,10 +298,11 @@ def test_memorisation_uses_its_own_longer_trained_probe_model(tiny_run):
     ref, probe = (read_json(folder/n/"training.json") for n in ("reference", "probe"))
     assert len(probe["losses"]) == run.profile.groundtruth.gt_probe_steps and len(ref["losses"]) == TINY["train_steps"]
     pz = np.load(folder/"probe.npz")
-    scores, _ = G.load_scores(folder, "probe")
-    np.testing.assert_allclose(scores["pixel_nn"], -G.pixel_distances(pz["images"], G.load_gt_data(folder/"data.npz").train.images[:TINY["max_unique"]]))
+    scores, _, idx = G.load_scores(folder, "probe")                     # only the probe's copies of planted images are scored
+    np.testing.assert_array_equal(idx, np.flatnonzero(pz["source"] >= 0)); assert len(pz["images"]) == 4 * TINY["n_generated"]
+    np.testing.assert_allclose(scores["pixel_nn"], -G.pixel_distances(pz["images"][idx], G.load_gt_data(folder/"data.npz").train.images[:TINY["max_unique"]]))
     per = pd.read_csv(run/"tables"/"groundtruth_probe.csv")            # the ranks of the probe's copies, one row per method and copy
-    assert len(per) == len(G.GT_METHODS) * int((pz["source"] >= 0).sum())
+    assert len(per) == len(G.GT_METHODS) * len(idx)
 
 
 def test_model_output_is_the_loss_of_the_models_own_target():
@@ -241,7 +312,7 @@ def test_model_output_is_the_loss_of_the_models_own_target():
         sch = DDPMScheduler(num_train_timesteps=1000, prediction_type=pt)
         ab = sch.alphas_cumprod[t].view(-1, 1, 1, 1)
         want = {"epsilon": noise, "v_prediction": sch.get_velocity(x0, noise, t), "sample": x0}[pt]
-        torch.testing.assert_close(G._target(sch, x0, noise, ab), want)
+        torch.testing.assert_close(G.training_target(sch, x0, noise, ab), want)
 
 
 def test_explainer_stage_key_follows_every_explainer_setting():
