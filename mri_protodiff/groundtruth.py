@@ -1048,7 +1048,7 @@ def _stage_table(ctx:_Ctx, data:GTData, methods:Sequence[str], plan:list, subset
         return dict(version=cfg.version, n_copies=int(len(pidx)), models=len({r["model"] for r in rows}))
     inputs = dict(base=ctx.base_hash, methods=list(methods), scores=ctx.run.stage(f"{ctx.rel}/scores").get("input_hash"),
                   probe_scores=ctx.run.stage(f"{ctx.rel}/probe-scores").get("input_hash"),
-                  n_bootstrap=prof.n_bootstrap, version=GT_VERSION_TAG, table=5)
+                  n_bootstrap=prof.n_bootstrap, version=GT_VERSION_TAG, table=6)
     return ctx.run.run_stage(f"{ctx.rel}/table", work, inputs, [f"tables/{n}.csv" for n in names] + ["tables/groundtruth.md",
                              "figures/groundtruth.html"], force=force)
 
@@ -1138,8 +1138,12 @@ def groundtruth_finding(tab:pd.DataFrame, cfg:GTConfig) -> str:
     else:
         chance = float(t["chance_top1"].dropna().iloc[0])
         above = [m for m in t.index if m != "random" and ok(t.loc[m, "top1_ci_low"]) and t.loc[m, "top1_ci_low"] > chance]
+        known = 1.0 / max(int(cfg.planted), 1)         # a share-valued method that knew only which images were planted
+        above_p = [m for m in above if t.loc[m, "top1_ci_low"] > known]
         parts.append(f"Memorisation ({int(np.nanmax(tab['n_copies']))} copies of {n_src} planted images): {_names(above, lab) or 'no method'} "
-                     f"recover{'s' if len(above) == 1 else ''} the planted source above chance (top-1 CI above {chance:.3f})." + ranked("top1", "top-1"))
+                     f"recover{'s' if len(above) == 1 else ''} the planted source above chance (top-1 CI above {chance:.3f})"
+                     + (f", and {_names(above_p, lab) if len(above_p) < len(above) else 'all of them'} above the {known:.3f} of knowing only "
+                        f"which images were planted" if above_p else "") + "." + ranked("top1", "top-1"))
     if "cf_effect_vs_random" in t:
         n_cf = int(np.nanmax(tab["cf_n_images"])) if tab["cf_n_images"].notna().any() else 0
         if n_cf < MIN_UNITS: parts.append(f"The counterfactual test has {n_cf} images ({TOO_SMALL} for an interval).")
