@@ -12,7 +12,7 @@ import mri_protodiff
 from .stages import STAGES, PROFILE_NAMES, Option, Stage, opt, csv_ints
 
 # %% auto #0
-__all__ = ['BENCHES', 'add_run_args', 'parse_overrides', 'option_dest', 'add_stage_command', 'add_bench_command',
+__all__ = ['BENCHES', 'add_run_args', 'parse_overrides', 'option_dest', 'option_kwargs', 'add_stage_command', 'add_bench_command',
            'add_reproduce_command', 'add_site_command', 'build_parser', 'main']
 
 # %% ../nbs/17_cli.ipynb #1f998e5b
@@ -45,6 +45,16 @@ def option_dest(o:Option) -> str:
     "The parameter of the stage function an option sets (argparse's `dest`)."
     return o.kw.get("dest") or o.flags[0].lstrip("-").replace("-", "_")
 
+def option_kwargs(o:Option) -> dict:
+    "`o`'s add_argument keywords, its type's ValueError shown as the parser's one-line error ('argument --n: ...')."
+    kw, f = dict(o.kw), o.kw.get("type")
+    if f is None or f in (int, float, str): return kw
+    def typed(v, f=f):
+        try: return f(v)
+        except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
+    typed.__name__ = f.__name__
+    return {**kw, "type": typed}
+
 def add_stage_command(
     sub, # the subparsers of the `mri-protodiff` parser
     stage:Stage, # an entry of `STAGES`
@@ -57,7 +67,7 @@ def add_stage_command(
     groups = {}
     for o in stage.options:
         g = p if not o.group else groups.setdefault(o.group, p.add_argument_group(o.group))
-        g.add_argument(*o.flags, **o.kw)
+        g.add_argument(*o.flags, **option_kwargs(o))
     add_run_args(p)
     p.set_defaults(func=_cmd_stage, stage=stage.name)
     return p
@@ -117,7 +127,7 @@ def add_bench_command(sub) -> None:
     bs = b.add_subparsers(dest="bench", metavar="WHAT", required=True)
     for name, (help, options) in BENCHES.items():
         p = bs.add_parser(name, help=help, description=f"Benchmark: {help}.")
-        for o in options: p.add_argument(*o.flags, **o.kw)
+        for o in options: p.add_argument(*o.flags, **option_kwargs(o))
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
         p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")

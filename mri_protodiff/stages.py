@@ -7,14 +7,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['PROFILE_NAMES', 'STAGES', 'csv_list', 'csv_ints', 'csv_floats', 'Option', 'opt', 'Stage', 'get_stage']
+__all__ = ['PROFILE_NAMES', 'STAGES', 'csv_list', 'positive_int', 'csv_ints', 'csv_floats', 'Option', 'opt', 'Stage', 'get_stage']
 
 # %% ../nbs/14_stages.ipynb #54338f83
 PROFILE_NAMES = ("smoke", "quick", "paper")   # the profiles of chapter `core` (a test checks they agree)
 
 def csv_list(v:str) -> tuple:
-    "'a, b,c' -> ('a', 'b', 'c'): the comma-separated lists of the command line."
-    return tuple(s for s in str(v).replace(" ", "").split(",") if s)
+    "'a, b,c' -> ('a', 'b', 'c'): the comma-separated lists of the command line; an empty list is a ValueError (the CLI shows it with the option's name)."
+    out = tuple(s for s in str(v).replace(" ", "").split(",") if s)
+    if not out: raise ValueError(f"{v!r} is an empty list")
+    return out
+
+def positive_int(v:str) -> int:
+    "An integer >= 1 (counts of the command line: images, trajectories)."
+    n = int(v)
+    if n < 1: raise ValueError(f"{v!r} is not >= 1")
+    return n
 
 def csv_ints(v:str) -> tuple: return tuple(int(s) for s in csv_list(v))
 def csv_floats(v:str) -> tuple: return tuple(float(s) for s in csv_list(v))
@@ -84,11 +92,11 @@ STAGES = (
           "generate images from test-split masks (+ samples/grid.png)",
           (opt("--sampler", choices=("ddim", "ddpm"), default="ddim", help="ddim (deterministic, default) or ddpm"),
            opt("--steps", type=int, default=None, help="denoising steps (default: the profile's sample_steps)"),
-           opt("--n", type=int, default=None, help="number of images (default: the profile's n_generated)"),
+           opt("--n", type=positive_int, default=None, help="number of images (default: the profile's n_generated)"),
            opt("--batch", dest="batch_size", type=int, default=None, help="images per forward pass (default: the profile's sample_batch)"))),
     Stage("trajectory", "run_trajectory", ("train-diffusion",), ("trajectory/trajectories.npz",), "trajectory",
           "record denoising trajectories (x_t, x0 estimate, noise map at the profile's timesteps)",
-          (opt("--n", type=int, default=None, help="number of trajectories (default 4, at most n_generated)"),)),
+          (opt("--n", type=positive_int, default=None, help="number of trajectories (default 4, at most n_generated)"),)),
     Stage("train-explainers", "run_train_explainers", ("data",), tuple(f"protonets/{{method}}/seed{{seed}}/{f}" for f in
           ("model.safetensors", "config.json", "push.json", "metrics.json", "gallery.png")), "protonets, prototrain",
           "train, push and check the prototype explainers, one manifest stage per method and seed (+ protonets/summary.csv)",

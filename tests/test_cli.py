@@ -153,6 +153,17 @@ def test_reproduce_bad_input(tmp_path, experiments):
     assert not (tmp_path/"q"/"notebooks").exists()
 
 
+def test_empty_lists_and_zero_counts_are_one_line_errors(tmp_path):
+    "`--n 0` and `--seeds ,` are refused by the parser, naming the option, before any work."
+    for args, what in ((("sample", "--n", "0"), "argument --n: '0' is not >= 1"), (("trajectory", "--n", "-2"), "argument --n: '-2' is not >= 1"),
+                       (("train-explainers", "--seeds", ","), "argument --seeds: ',' is an empty list"),
+                       (("train-explainers", "--methods", " , "), "is an empty list")):
+        with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as buf:
+            cli.main([*args, "--out", str(tmp_path/"r")])
+        assert e.value.code == 2 and what in buf.getvalue() and "Traceback" not in buf.getvalue(), buf.getvalue()
+    assert not (tmp_path/"r").exists()
+
+
 def test_site_command_errors(tmp_path):
     rc, _, err = run_main("site", "--out", tmp_path/"none")
     assert rc == 2 and "not a run directory" in err
