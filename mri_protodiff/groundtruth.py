@@ -858,7 +858,7 @@ def _stage_explainer(ctx:_Ctx, data:GTData, method:str, force:bool) -> str:
 # %% ../nbs/13_groundtruth.ipynb #0611a676
 def _stage_scores(ctx:_Ctx, data:GTData, methods:Sequence[str], force:bool, name:str="reference") -> str:
     "Every method's scores for model `name`'s generated images: `scores.npz` (reference: every image) or `probe_scores.npz` (probe: its copies only); model-dependent methods use that model."
-    prof, cfg = ctx.run.profile, ctx.cfg
+    cfg = ctx.cfg
     def work():
         probe, z = _probe(ctx, name)
         sel = np.flatnonzero(z["source"] >= 0) if name == "probe" else np.arange(len(probe.images))
@@ -1124,13 +1124,13 @@ def groundtruth_finding(tab:pd.DataFrame, cfg:GTConfig) -> str:
     "One paragraph saying what the headline table shows: which methods each test separates from chance, and which from the best by their CIs."
     lab = dict(zip(tab.method, tab.label))
     t = tab.set_index("method").copy()
-    t["top1"], t["top1_ci_low"], t["top1_ci_high"] = t["top1_recovery"], t["top1_ci_low"], t["top1_ci_high"]
+    t["top1"] = t["top1_recovery"]                     # so that `ranked` finds its CI as top1_ci_low / _high
     def ok(v): return v is not None and np.isfinite(v)
-    def ranked(col:str, what:str, fmt:str="{:.2f}") -> str:
+    def ranked(col:str, fmt:str="{:.2f}") -> str:
         best, below = _best_and_below(t, col)
         if best is None: return ""
         return (f" Highest: {lab[best]} ({fmt.format(t.loc[best, col])})" + (f"; {_names(below, lab)} lie{'s' if len(below) == 1 else ''} "
-                f"below it by their CIs" if below else f"; no other method is separated from it by the CIs") + ".")
+                f"below it by their CIs" if below else "; no other method is separated from it by the CIs") + ".")
     parts = []
     n_src = int(np.nanmax(tab["n_sources"])) if "n_sources" in tab and tab["n_sources"].notna().any() else 0
     if n_src < MIN_UNITS:
@@ -1143,14 +1143,14 @@ def groundtruth_finding(tab:pd.DataFrame, cfg:GTConfig) -> str:
         parts.append(f"Memorisation ({int(np.nanmax(tab['n_copies']))} copies of {n_src} planted images): {_names(above, lab) or 'no method'} "
                      f"recover{'s' if len(above) == 1 else ''} the planted source above chance (top-1 CI above {chance:.3f})"
                      + (f", and {_names(above_p, lab) if len(above_p) < len(above) else 'all of them'} above the {known:.3f} of knowing only "
-                        f"which images were planted" if above_p else "") + "." + ranked("top1", "top-1"))
+                        f"which images were planted" if above_p else "") + "." + ranked("top1"))
     if "cf_effect_vs_random" in t:
         n_cf = int(np.nanmax(tab["cf_n_images"])) if tab["cf_n_images"].notna().any() else 0
         if n_cf < MIN_UNITS: parts.append(f"The counterfactual test has {n_cf} images ({TOO_SMALL} for an interval).")
         else:
             pos = [m for m in t.index if ok(t.loc[m, "cf_effect_vs_random_ci_low"]) and t.loc[m, "cf_effect_vs_random_ci_low"] > 0]
             parts.append(f"Counterfactual ({n_cf} images): removing the top-k of {_names(pos, lab) or 'no method'} changes the regenerated image "
-                         f"more than removing as many random images (CI above 0)." + ranked("cf_effect_vs_random", "effect", "{:+.4f}"))
+                         f"more than removing as many random images (CI above 0)." + ranked("cf_effect_vs_random", "{:+.4f}"))
     for pre, what in (("lds", "LDS"), ("lds_c", "Centred LDS")):
         if f"{pre}_perm_p" not in t: continue
         def passes(m, sign): return ok(t.loc[m, f"{pre}_perm_p"]) and t.loc[m, f"{pre}_perm_p"] < LDS_ALPHA and sign * t.loc[m, pre] > 0
@@ -1161,7 +1161,7 @@ def groundtruth_finding(tab:pd.DataFrame, cfg:GTConfig) -> str:
         parts.append(f"{what} ({int(t[f'lds_subsets'].iloc[0])} subsets): {_names(sig, lab) or 'no method'} reach{'es' if len(sig) <= 1 else ''} "
                      f"a positive mean with p < {LDS_ALPHA} (minimum detectable mean {what.replace('Centred', 'centred')} {mde:.2f})"
                      + (f"; {_names(neg, lab)} {'is' if len(neg) == 1 else 'are'} significantly *negative*" if neg else "")
-                     + ("; random scores reach p < 0.01 too, so read it with care." if rnd else ".") + (ranked(pre, what, "{:+.3f}") if sig else ""))
+                     + ("; random scores reach p < 0.01 too, so read it with care." if rnd else ".") + (ranked(pre, "{:+.3f}") if sig else ""))
     return f"**Finding ({cfg.version} version).** " + " ".join(parts)
 
 def _names(ms:Sequence[str], lab:dict) -> str:
