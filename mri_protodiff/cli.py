@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_cli.ipynb #d9c31174
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, contextlib, json, os, shlex, sys, traceback, warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -12,8 +12,9 @@ import mri_protodiff
 from .stages import STAGES, PROFILE_NAMES, Option, Stage, opt, csv_ints
 
 # %% auto #0
-__all__ = ['BENCHES', 'add_run_args', 'parse_overrides', 'option_dest', 'option_kwargs', 'add_stage_command', 'add_bench_command',
-           'add_reproduce_command', 'add_site_command', 'build_parser', 'main']
+__all__ = ['BENCHES', 'USER_ERRORS', 'add_run_args', 'add_debug_arg', 'parse_overrides', 'option_dest', 'option_kwargs',
+           'add_stage_command', 'add_bench_command', 'add_reproduce_command', 'add_site_command', 'error_line',
+           'holding_run', 'build_parser', 'main']
 
 # %% ../nbs/17_cli.ipynb #1f998e5b
 def add_run_args(
@@ -29,6 +30,15 @@ def add_run_args(
     g.add_argument("--force", action="store_true", help="redo what is already done")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps, where a model runs (default: the best available)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_arg(parser)
+
+def add_debug_arg(
+    parser:argparse.ArgumentParser, # the top parser or a subcommand's
+    top:bool=False, # the top parser: the option's default lives there
+) -> None:
+    "Add `--debug` (the full traceback of an error), before or after the subcommand's name."
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="on an error, also show the full traceback (or set MRI_PROTODIFF_DEBUG=1)")
 
 def parse_overrides(
     items:Iterable[str], # the values of --set
@@ -131,6 +141,7 @@ def add_bench_command(sub) -> None:
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
         p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+        add_debug_arg(p)
         p.set_defaults(func=_cmd_bench)
 
 # %% ../nbs/17_cli.ipynb #c310a0de
@@ -214,6 +225,7 @@ def add_site_command(sub) -> None:
                    help="auto (default): Quarto if it is on the PATH, else nbconvert")
     p.add_argument("--library", default=None, metavar="DIR", help="folder of library chapters (default: nbs/ of this repository)")
     p.add_argument("--execute-library", action="store_true", help="execute the library chapters before rendering (slow)")
+    add_debug_arg(p)
     p.set_defaults(func=_cmd_site)
 
 def _cmd_site(args) -> int:
@@ -224,6 +236,52 @@ def _cmd_site(args) -> int:
     print(f"site: {res.index} ({len(res.pages)} pages, built with {res.builder})")
     return 0
 
+# %% ../nbs/17_cli.ipynb #88e7b026
+USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)   # caused by the user's input, files or machine: the message says it all
+
+def error_line(
+    e:BaseException, # the error a command ended with
+) -> str:
+    "What went wrong in one line: the message (a KeyError's without quotes, newlines folded); an unexpected type says so."
+    msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    msg = " ".join(msg.split()) or type(e).__name__
+    if not isinstance(e, USER_ERRORS): msg = f"{type(e).__name__}: {msg} (unexpected; rerun with --debug for the traceback)"
+    return msg
+
+def _debug(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("MRI_PROTODIFF_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+@contextlib.contextmanager
+def _notes(cmd:str):
+    "Show `core.RunNote` warnings as one line each, `mri-protodiff <cmd>: note: ...`; other warnings as Python shows them."
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            core = sys.modules.get("mri_protodiff.core")   # not loaded: no RunNote can have been raised
+            if core is not None and issubclass(category, core.RunNote): print(f"mri-protodiff {cmd}: note: {message}", file=sys.stderr)
+            else: show(message, category, filename, lineno, file, line)
+        warnings.showwarning = showwarning
+        yield
+
+@contextlib.contextmanager
+def holding_run(
+    args:argparse.Namespace, # the parsed command line
+    argv:list[str], # the command line (recorded in the lock)
+):
+    "For a command that writes into the run `--out` (a stage, `reproduce`, `site` of an existing run): check the folder and hold its lock."
+    out, cmd = getattr(args, "out", None), args.command
+    if out is None or cmd == "bench" or (cmd == "site" and not (Path(out)/"manifest.json").is_file()):
+        yield; return
+    from mri_protodiff import core   # must be lazy: core imports torch, which --help must not pay
+    out = Path(out); created = not out.exists()
+    core.check_run_dir(out); core.read_manifest(out/"manifest.json")   # a damaged manifest is said before anything is imported or run
+    try:
+        with core.run_lock(out, "mri-protodiff " + shlex.join(argv), note=lambda s: print(f"mri-protodiff {cmd}: note: {s}", file=sys.stderr)):
+            yield
+    finally:   # a new folder the command failed to write anything into is removed again
+        if created and out.is_dir() and {q.name for q in out.iterdir()} <= {core.LOCK_FILE}:
+            with contextlib.suppress(OSError): (out/core.LOCK_FILE).unlink(missing_ok=True); out.rmdir()
+
 # %% ../nbs/17_cli.ipynb #b6b22fda
 def build_parser() -> argparse.ArgumentParser:
     "The `mri-protodiff` parser: `reproduce`, a subcommand per stage of `STAGES`, `site` and `bench`."
@@ -232,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Faithfulness of prototype explainers for diffusion-generated breast MRI "
                     "(a reproduction of arXiv 2602.09781).")
     p.add_argument("--version", action="version", version=f"mri-protodiff {mri_protodiff.__version__}")
+    add_debug_arg(p, top=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     add_reproduce_command(sub)
     for st in STAGES: add_stage_command(sub, st)
@@ -240,13 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def main(argv:list[str]|None=None) -> int:
-    "Entry point of the `mri-protodiff` console script: one line on stderr and exit code 2 for a user's error."
+    "Entry point of the `mri-protodiff` console script: any error is one line on stderr and a nonzero exit (2, or 1 if unexpected; 130 on Ctrl-C)."
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     p = build_parser()
     args = p.parse_args(argv)
     if getattr(args, "func", None) is None:
         p.print_help(); return 0
+    cmd = args.command
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-        print(f"mri-protodiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        with _notes(cmd), holding_run(args, argv):
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if _debug(args): traceback.print_exc()
+        print(f"mri-protodiff {cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if _debug(args): traceback.print_exc()
+        print(f"mri-protodiff {cmd}: error: {error_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, USER_ERRORS) else 1

@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #728a8e48
 from __future__ import annotations
-import dataclasses, datetime as _dt, hashlib, json, os, platform, random, subprocess, sys, tempfile, time
+import contextlib, copy, dataclasses, datetime as _dt, hashlib, json, os, platform, random, socket, subprocess, sys, tempfile, time
+import uuid, warnings
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -12,12 +13,16 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 import mri_protodiff
+try: import fcntl                  # POSIX: the run directory's lock (`run_lock`); without it (Windows) runs are not locked
+except ImportError: fcntl = None
 
 # %% auto #0
-__all__ = ['PAPER_TIMESTEPS', 'SECTIONS', 'seed_everything', 'get_device', 'DataSection', 'DiffusionSection', 'ExplainerSection',
-           'FaithfulnessSection', 'GroundTruthSection', 'Profile', 'get_profile', 'atomic_write', 'write_json',
-           'read_json', 'hash_inputs', 'hash_file', 'environment_info', 'git_info', 'StageError', 'ProfileMismatch',
-           'RunDir', 'open_run']
+__all__ = ['PAPER_TIMESTEPS', 'SECTIONS', 'STAGE_ADVICE', 'MANIFEST_ADVICE', 'STAGE_ENV', 'LOCK_FILE', 'LOCK_ENV',
+           'seed_everything', 'get_device', 'DataSection', 'DiffusionSection', 'ExplainerSection',
+           'FaithfulnessSection', 'GroundTruthSection', 'Profile', 'get_profile', 'CorruptFile', 'reading',
+           'atomic_write', 'write_json', 'read_json', 'hash_inputs', 'hash_file', 'file_record', 'record_changes',
+           'environment_info', 'git_info', 'StageError', 'ProfileMismatch', 'RunNote', 'read_manifest', 'RunDir',
+           'RunLocked', 'check_run_dir', 'lock_owner', 'check_lock', 'run_lock', 'open_run']
 
 # %% ../nbs/00_core.ipynb #3b85f96e
 def seed_everything(
@@ -100,7 +105,7 @@ class DiffusionSection:
 @dataclass
 class ExplainerSection:
     "The prototype explainers: labels, sizes, the training stages and their coefficients."
-    label_source:str = "density"       # "density" (BI-RADS class), "lesion", or "kmeans" pseudo-classes
+    label_source:str = "auto"          # "auto" (from what the data carries), "user" (CSV/subfolders), "density" (BI-RADS class), "lesion", or "kmeans" pseudo-classes
     n_classes:int = 4
     kmeans_features:str = "auto"       # label_source kmeans: "auto" (the UNet's features if trained, else pixels), "unet", "pixels"
     backbone:str = "cnn"               # "cnn" (from scratch), "unet" (frozen diffusion encoder), "resnet18", "vgg11", "densenet121"
@@ -289,6 +294,29 @@ def get_profile(
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(_PROFILES)}")
     return Profile.from_dict({**_PROFILES[name], **overrides, "name": name})
 
+# %% ../nbs/00_core.ipynb #5610dd70
+STAGE_ADVICE = "delete it, or rerun the stage that wrote it with --force"
+
+class CorruptFile(ValueError):
+    "A file exists but cannot be read as what it should be (truncated, overwritten, not what its name says)."
+    def __init__(self,
+                 path:str|Path, # the file
+                 problem:str, # what is wrong with it
+                 advice:str=STAGE_ADVICE): # what to do
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"{self.path}: {problem}; {advice}")
+
+@contextlib.contextmanager
+def reading(
+    path:str|Path, # the file the block reads
+    advice:str=STAGE_ADVICE, # what to do about a damaged file
+):
+    "Read `path` inside this block: any failure but a missing or forbidden file becomes one `CorruptFile` naming `path`."
+    try: yield Path(path)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError, CorruptFile): raise
+    except Exception as e:
+        raise CorruptFile(path, f"cannot be read ({type(e).__name__}: {' '.join(str(e).split())})", advice) from e
+
 # %% ../nbs/00_core.ipynb #b7a3b470
 def atomic_write(
     path:str|Path, # target file; its folder is created if needed
@@ -315,12 +343,14 @@ def write_json(path:str|Path, obj:Any) -> Path:
     "Atomically write `obj` as indented, key-sorted JSON (so equal objects give equal bytes)."
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
-def read_json(path:str|Path) -> Any:
+def read_json(
+    path:str|Path, # a JSON file
+    advice:str=STAGE_ADVICE, # what to do if it is damaged
+) -> Any:
     "Read a JSON file, naming the file in the error if it is missing or corrupt."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"{path}: no such file")
-    try: return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
+    with reading(path, advice): return json.loads(path.read_text(encoding="utf-8"))
 
 def _json_default(o):
     if isinstance(o, (np.integer,)): return int(o)
@@ -345,6 +375,36 @@ def hash_file(path:str|Path, chunk:int=1<<20) -> str:
         with open(p, "rb") as f:
             for b in iter(lambda: f.read(chunk), b""): h.update(b)
     return h.hexdigest()
+
+# %% ../nbs/00_core.ipynb #afcdc5ad
+def file_record(
+    root:str|Path, # the run directory
+    outputs:Iterable[str], # paths relative to `root`: files, or folders (every file under them, hidden temporary files left out)
+) -> dict:
+    "{relative path: [size in bytes, sha256]} of every file of `outputs` that exists."
+    root, rec = Path(root), {}
+    for o in outputs:
+        p = root/o
+        files = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")) if p.is_dir() else [p]
+        for q in files:
+            if q.is_file(): rec[q.relative_to(root).as_posix()] = [q.stat().st_size, hash_file(q)]
+    return rec
+
+def record_changes(
+    root:str|Path, # the run directory
+    record:dict, # from `file_record`
+) -> str|None:
+    "The first file of `record` that is missing or differs from it, said in a few words ('data/x.npy is missing'); None if all match."
+    root = Path(root)
+    try: items = [(rel, int(size), str(h)) for rel, (size, h) in record.items()]
+    except (AttributeError, TypeError, ValueError): return "its record of output files is damaged"
+    for rel, size, _ in items:     # sizes first: a missing or truncated file is found without reading anything
+        p = root/rel
+        if not p.is_file(): return f"{rel} is missing"
+        if p.stat().st_size != size: return f"{rel} changed ({size} -> {p.stat().st_size} bytes)"
+    for rel, _, h in items:
+        if hash_file(root/rel) != h: return f"{rel} changed (same size, other bytes)"
+    return None
 
 # %% ../nbs/00_core.ipynb #0067dab5
 def environment_info() -> dict:
@@ -383,6 +443,46 @@ class ProfileMismatch(ValueError):
         self.path, self.changed = Path(path), list(changed)
         super().__init__(f"{self.path}: this run was made with another profile (fields differ: {self.changed}); {advice}")
 
+# %% ../nbs/00_core.ipynb #dfe40154
+MANIFEST_ADVICE = "delete it to start this run afresh (every stage is redone) or use another --out"
+STAGE_ENV = "MRI_PROTODIFF_STAGE"   # the stage whose function is running (JSON: run, stage, id), for the stages it runs
+
+class RunNote(UserWarning):
+    "Something about the run directory a command says in one line: an output that changed, a lock taken over."
+
+def _json_type(o) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(o), "number")
+
+def read_manifest(
+    path:str|Path, # a run's manifest.json
+) -> dict:
+    "The manifest at `path` ({} if there is none), checked to be a run manifest: a JSON object whose stages are objects."
+    path = Path(path)
+    if not path.exists(): return {}
+    m = read_json(path, MANIFEST_ADVICE)
+    what = None
+    if not isinstance(m, dict): what = f"a JSON {_json_type(m)}, where a run manifest is an object"
+    else:
+        what = next((f"its {k!r} is a JSON {_json_type(m[k])}, not an object" for k in ("stages", "profile", "environment", "git")
+                     if k in m and not isinstance(m[k], dict)), None)
+        bad = [k for k, v in m.get("stages", {}).items() if not isinstance(v, dict)] if what is None else []
+        if bad: what = f"its record of stage {bad[0]!r} is a JSON {_json_type(m['stages'][bad[0]])}, not an object"
+    if what: raise CorruptFile(path, f"not a run manifest ({what})", MANIFEST_ADVICE)
+    return m
+
+def _recorded_profile(m:dict, path:Path) -> Profile:
+    try: return Profile.from_dict(m["profile"])
+    except ValueError as e: raise CorruptFile(path, f"its recorded profile cannot be read ({e})", MANIFEST_ADVICE) from None
+
+_STATUS_SAYS = {None: "has not run", "running": "is marked running (killed, or running elsewhere)", "failed": "failed"}
+
+def _enclosing_stage(root:Path) -> tuple|None:
+    "(stage, run id) of the stage of run `root` whose function is running in this process or the one that started it; else None."
+    try: d = json.loads(os.environ.get(STAGE_ENV) or "null")
+    except json.JSONDecodeError: return None
+    if not isinstance(d, dict) or d.get("run") != str(root.resolve()): return None
+    return d.get("stage"), d.get("id")
+
 # %% ../nbs/00_core.ipynb #a58592f2
 class RunDir:
     "A run directory `runs/<name>/` with its `manifest.json`."
@@ -394,31 +494,32 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.root/"manifest.json"
         m = self.manifest
+        before = copy.deepcopy(m)
         if profile is not None:
             if "profile" in m and m["profile"] != profile.to_dict() and not overwrite_profile:
-                old = Profile.from_dict(m["profile"]).flat()
+                old = _recorded_profile(m, self.manifest_path).flat()
                 changed = sorted(k for k, v in profile.flat().items() if old.get(k) != v)
                 raise ProfileMismatch(self.manifest_path, changed)
             m["profile"] = profile.to_dict()
         m.setdefault("created", _now())
         m["environment"], m["git"] = environment_info(), git_info(_package_dir())
         m.setdefault("stages", {})
-        self._save(m)
+        if m != before: self._save(m)      # nothing new: leave the file (and a read-only run) alone
 
     def __repr__(self): return f"RunDir({str(self.root)!r})"
     def __truediv__(self, other): return self.root/other
 
     @property
     def manifest(self) -> dict:
-        "The manifest as a dict (a fresh read each time)."
-        return read_json(self.manifest_path) if self.manifest_path.exists() else {}
+        "The manifest as a dict (a fresh read each time); a damaged one is a `CorruptFile` error naming it."
+        return read_manifest(self.manifest_path)
 
     @property
     def profile(self) -> Profile:
         "The profile recorded in the manifest."
         m = self.manifest
         if "profile" not in m: raise KeyError(f"{self.manifest_path}: no profile recorded yet")
-        return Profile.from_dict(m["profile"])
+        return _recorded_profile(m, self.manifest_path)
 
     def _save(self, m:dict): write_json(self.manifest_path, m)
 
@@ -431,12 +532,35 @@ class RunDir:
         "The manifest record of stage `name` (empty if it never ran)."
         return self.manifest.get("stages", {}).get(name, {})
 
+    def _state(self, name:str, inputs:Any, stages:dict, seen:tuple=()) -> tuple[str, str|None]:
+        "('done', None), ('todo', why): not done or other inputs, or ('changed', why): done, but an output (or a stage it ran) changed."
+        s = stages.get(name) or {}
+        if s.get("status") != "done": return "todo", f"stage {name!r} {_STATUS_SAYS.get(s.get('status'), 'is not done')}"
+        if inputs is not None and s.get("input_hash") != hash_inputs(inputs): return "todo", f"stage {name!r} ran with other inputs"
+        missing = [o for o in s.get("outputs", []) if not (self.root/o).exists()]
+        if missing: return "changed", f"{missing[0]} is missing"
+        rec = s.get("files")
+        if rec is not None:
+            why = record_changes(self.root, rec)
+            if why: return "changed", why
+        for k, crid in (s.get("children") or {}).items() if name not in seen and isinstance(s.get("children"), dict) else ():
+            c = stages.get(k) or {}
+            if c.get("status") == "done" and c.get("run_id") != crid: return "changed", f"its stage {k!r} was redone since (by another command)"
+            kind, why = self._state(k, None, stages, seen + (name,))
+            if kind == "changed": return "changed", f"{why} (written by stage {k!r}, which it ran)"
+            if kind == "todo": return "changed", f"{why.replace('stage', 'its stage', 1)}"
+        return "done", None
+
+    def why_not_done(self,
+                     name:str, # a stage
+                     inputs:Any=None, # if given, the inputs it must have been done with
+                    ) -> str|None:
+        "None if stage `name` is done (with `inputs`) and its outputs are what it wrote; else why not, naming the file that changed."
+        return self._state(name, inputs, self.manifest.get("stages", {}))[1]
+
     def is_done(self, name:str, inputs:Any=None) -> bool:
-        "Whether stage `name` is done (with the same inputs, if given) and its outputs still exist."
-        s = self.stage(name)
-        if s.get("status") != "done": return False
-        if inputs is not None and s.get("input_hash") != hash_inputs(inputs): return False
-        return all((self.root/o).exists() for o in s.get("outputs", []))
+        "Whether stage `name` is done (with the same inputs, if given) and its outputs (and those of the stages it ran) are still what it wrote."
+        return self.why_not_done(name, inputs) is None
 
     def run_stage(self,
                   name:str, # stage name, e.g. "data" or "train-diffusion"
@@ -446,12 +570,27 @@ class RunDir:
                   force:bool=False, # redo even if done with the same inputs
                   params:dict|None=None, # stage parameters to record
                  ) -> str:
-        "Run stage `name` unless it is already done with the same `inputs`; returns 'skipped' or 'done'."
+        "Run stage `name` unless it is already done with the same `inputs` and intact outputs; returns 'skipped' or 'done'."
         h = hash_inputs(inputs)
-        if not force and self.is_done(name, inputs): return "skipped"
-        t0 = time.time()
-        self._update_stage(name, status="running", started=_now(), ended=None, input_hash=h,
-                           outputs=list(outputs), params=params or {}, error=None)
+        stages = self.manifest.get("stages", {})
+        parent = _enclosing_stage(self.root)
+        if parent and parent[0] == name: parent = None
+        if not force:
+            kind, why = self._state(name, inputs, stages)
+            if kind == "done":
+                s, new = stages[name], {}
+                if s.get("files") is None: new["files"] = file_record(self.root, s.get("outputs", []))   # an older manifest: record now
+                if parent and (s.get("parent"), s.get("parent_id")) != parent: new.update(parent=parent[0], parent_id=parent[1])
+                if new:
+                    try: self._update_stage(name, **new)
+                    except OSError: pass   # a run this process may not write: the stage is done, its record can wait
+                return "skipped"
+            if kind == "changed": warnings.warn(f"stage {name!r} is redone: {why}", RunNote, stacklevel=2)
+        t0, rid = time.time(), uuid.uuid4().hex[:12]
+        self._update_stage(name, status="running", started=_now(), ended=None, input_hash=h, outputs=list(outputs), params=params or {},
+                           error=None, files=None, children={}, run_id=rid, **(dict(parent=parent[0], parent_id=parent[1]) if parent else {}))
+        env = os.environ.get(STAGE_ENV)
+        os.environ[STAGE_ENV] = json.dumps(dict(run=str(self.root.resolve()), stage=name, id=rid))
         try:
             summary = fn()
             missing = [o for o in outputs if not (self.root/o).exists()]
@@ -459,8 +598,21 @@ class RunDir:
         except BaseException as e:
             self._update_stage(name, status="failed", ended=_now(), error=f"{type(e).__name__}: {e}")
             raise
-        self._update_stage(name, status="done", ended=_now(), seconds=round(time.time() - t0, 3),
-                           summary=summary if _jsonable(summary) else None)
+        finally:
+            if env is None: os.environ.pop(STAGE_ENV, None)
+            else: os.environ[STAGE_ENV] = env
+        m = self.manifest
+        children = {k: v for k, v in m.get("stages", {}).items() if v.get("parent") == name and v.get("parent_id") == rid and k != name}
+        bad = next(((k, v) for k, v in children.items() if v.get("status") != "done"), None)
+        if bad:   # the function went on after a stage it ran failed: this stage is not done either
+            e = StageError(f"stage {name!r} finished, but its stage {bad[0]!r} {_STATUS_SAYS.get(bad[1].get('status'), 'is not done')}"
+                           + (f" ({bad[1]['error']})" if bad[1].get("error") else ""))
+            self._update_stage(name, status="failed", ended=_now(), error=f"StageError: {e}")
+            raise e
+        for v in children.values(): v["files"] = file_record(self.root, v.get("outputs", []))   # what it left is what counts
+        m["stages"][name].update(status="done", ended=_now(), seconds=round(time.time() - t0, 3), files=file_record(self.root, outputs),
+                                 children={k: v.get("run_id") for k, v in children.items()}, summary=summary if _jsonable(summary) else None)
+        self._save(m)
         return "done"
 
 # %% ../nbs/00_core.ipynb #3cceef8c
@@ -469,6 +621,111 @@ def _now() -> str: return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec=
 def _jsonable(o) -> bool:
     try: json.dumps(o, default=_json_default); return True
     except TypeError: return False
+
+# %% ../nbs/00_core.ipynb #5ccf7944
+LOCK_FILE = "run.lock"
+LOCK_ENV = "MRI_PROTODIFF_LOCK_OWNER"
+
+class RunLocked(RuntimeError):
+    "Another command is writing into the run directory."
+
+def check_run_dir(
+    out:str|Path, # the run directory (`--out`)
+    create:bool=True, # create it if missing
+) -> Path:
+    "Refuse, in one line, a run directory that is a file, cannot be created or cannot be written; create it if missing."
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise NotADirectoryError(f"{out}: is a file, not a run directory; choose a folder for --out")
+    if not out.is_dir():
+        if not create: raise FileNotFoundError(f"{out}: no such run directory")
+        try: out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            up = next((a for a in out.parents if a.exists()), None)
+            why = f"{up} is not a folder" if up is not None and not up.is_dir() else (e.strerror or str(e)).lower()
+            raise type(e)(f"{out}: cannot create this folder ({why}); choose another --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: cannot write in this folder (permission denied); choose another --out or make it writable")
+    return out
+
+def _rank() -> int: return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+def _me() -> str: return f"{os.getpid()}@{socket.gethostname()}"
+
+def _lock_info(path:Path) -> dict:
+    try: d = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError): return {}
+    return d if isinstance(d, dict) else {}
+
+def _is_ours(info:dict) -> bool:
+    "Whether the lock `info` describes is held by this process or by the command that started it."
+    who = f"{info.get('pid')}@{info.get('host')}"
+    return who in (_me(), os.environ.get(LOCK_ENV))
+
+def _owner(info:dict) -> str:
+    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}"
+            + (f": {info['command']}" if info.get("command") else ""))
+
+def lock_owner(
+    root:str|Path, # a run directory
+) -> dict|None:
+    "The holder of `root`'s lock ({'pid', 'host', 'started', 'command'}; {} if it has not written them yet), or None if nobody holds it."
+    path = Path(root)/LOCK_FILE
+    if fcntl is None or not path.is_file(): return None
+    with open(path, "rb") as f:
+        try: fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError: return _lock_info(path)
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+def check_lock(
+    root:str|Path, # a run directory
+) -> None:
+    "Raise `RunLocked` if another command than this process (or the one that started it) holds `root`'s lock."
+    info = lock_owner(root) if _rank() == 0 else None
+    if info is not None and not _is_ours(info):
+        raise RunLocked(f"{root}: another command is writing into this run ({_owner(info)}); wait for it to end, or use another --out")
+
+# %% ../nbs/00_core.ipynb #7fb6ac53
+@contextlib.contextmanager
+def run_lock(
+    root:str|Path, # an existing run directory
+    command:str="", # what holds it, for the message another command shows (default: this process's command line)
+    note:Callable[[str], Any]|None=None, # says that a lock left by a killed process was taken over (default: a `RunNote` warning)
+    wait:float=0.5, # seconds to retry before refusing (another command may be only checking the lock)
+):
+    "Hold `root`'s lock while the block runs: another command holding it is a `RunLocked` error naming it."
+    root, held = Path(root), False
+    if fcntl is None or _rank() != 0: yield None; return
+    path = root/LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        t_end = time.monotonic() + wait
+        while True:
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); held = True; break
+            except BlockingIOError:
+                if time.monotonic() >= t_end: break
+                time.sleep(0.05)
+        if not held:
+            info = _lock_info(path)
+            if not _is_ours(info):
+                raise RunLocked(f"{root}: another command is writing into this run ({_owner(info)}); wait for it to end, or use another --out")
+        else:
+            old = _lock_info(path)
+            if old.get("pid") is not None and not _is_ours(old):
+                (note or (lambda s: warnings.warn(s, RunNote, stacklevel=4)))(
+                    f"{path}: took over the lock left by {_owner(old)}, which no longer holds it (killed?)")
+            me = dict(pid=os.getpid(), host=socket.gethostname(), started=_now(), command=command or " ".join(sys.argv))
+            os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(me).encode(), 0)
+    except BaseException:
+        os.close(fd); raise
+    if not held:                 # this process, or the command that started it, holds it already
+        os.close(fd); yield path; return
+    env = os.environ.get(LOCK_ENV); os.environ[LOCK_ENV] = _me()
+    try: yield path
+    finally:
+        if env is None: os.environ.pop(LOCK_ENV, None)
+        else: os.environ[LOCK_ENV] = env
+        try: os.ftruncate(fd, 0)           # released cleanly: nothing left for the next command to take over
+        finally: os.close(fd)               # closing releases the lock
 
 # %% ../nbs/00_core.ipynb #13fc494b
 def open_run(
@@ -479,9 +736,12 @@ def open_run(
 ) -> RunDir:
     "Open (or create) the run directory `out` with the requested profile."
     out = Path(out); overrides = overrides or {}
-    recorded = read_json(out/"manifest.json").get("profile") if (out/"manifest.json").exists() else None
-    if recorded is not None and profile is None:
-        prof = Profile.from_dict({**recorded, **overrides}) if overrides else Profile.from_dict(recorded)
+    if out.exists() and not out.is_dir(): check_run_dir(out)     # the one-line error
+    m = read_manifest(out/"manifest.json") if out.is_dir() else {}
+    if "profile" in m and profile is None:
+        prof = _recorded_profile(m, out/"manifest.json")
+        if overrides: prof = Profile.from_dict({**m["profile"], **overrides})
     else:
         prof = get_profile(profile or "quick", **overrides)
+    check_run_dir(out); check_lock(out)
     return RunDir(out, prof, overwrite_profile=force)

@@ -31,14 +31,20 @@ class SliceSet:
     slice_index:np.ndarray  # (N,) int64 slice number within its subject's volume
     source:np.ndarray       # (N,) str provenance: "phantom" or "file path[:slice]"
     label_names:tuple = LABELS
+    category:np.ndarray|None = None  # (N,) int64 the user's own class (CSV or subfolder), index into category_names; -1 unknown
+    category_names:tuple = ()        # names of the user's classes (empty: the data has none)
 
     def __post_init__(self):
         n = len(self.images)
+        self.category = np.full(n, -1, np.int64) if self.category is None else np.asarray(self.category, np.int64)
+        self.category_names = tuple(str(c) for c in self.category_names)
+        if len(self.category) and self.category.max() >= len(self.category_names):
+            raise ValueError(f"SliceSet.category goes up to {self.category.max()}, but there are {len(self.category_names)} category_names")
         if self.images.ndim != 4 or self.images.shape[1] != 1:
             raise ValueError(f"SliceSet.images must be (N, 1, H, W), got {self.images.shape}")
         if self.masks.shape != (n, *self.images.shape[2:]):
             raise ValueError(f"SliceSet.masks must be {(n, *self.images.shape[2:])}, got {self.masks.shape}")
-        for k in ("density", "lesion", "subject", "slice_index", "source"):
+        for k in ("density", "lesion", "subject", "slice_index", "source", "category"):
             if len(getattr(self, k)) != n: raise ValueError(f"SliceSet.{k} has {len(getattr(self, k))} items, images {n}")
         self.label_names = tuple(self.label_names)
 
@@ -57,7 +63,7 @@ class SliceSet:
             idx = idx.astype(np.int64)
             sel = slice(int(idx[0]), int(idx[-1]) + 1) if len(idx) and np.array_equal(idx, np.arange(idx[0], idx[-1] + 1)) else idx
         return SliceSet(self.images[sel], self.masks[sel], self.density[sel], self.lesion[sel], self.subject[sel],
-                        self.slice_index[sel], self.source[sel], self.label_names)
+                        self.slice_index[sel], self.source[sel], self.label_names, self.category[sel], self.category_names)
 
     def __repr__(self):
         return (f"SliceSet({len(self)} slices of {self.size[0]}x{self.size[1]}, {len(np.unique(self.subject))} subjects, "
@@ -128,7 +134,7 @@ def make_split(
     return dict(test=sorted(order[:nt]), val=sorted(order[nt:nt + nv]), train=sorted(order[nt + nv:]))
 
 # %% ../nbs/02_data.ipynb #e2e592b9
-_SMALL = ("density", "lesion", "subject", "slice_index", "source")
+_SMALL = ("density", "lesion", "subject", "slice_index", "source", "category")
 
 def _shrink_npy(path:Path, n:int) -> None:
     "Rewrite the header of the .npy file `path` to hold only the first `n` items along axis 0, and truncate it."
@@ -166,7 +172,7 @@ class CacheWriter:
         if self.n + k > self.n_max: raise RuntimeError(f"cache writer: more than the announced {self.n_max} slices")
         if tuple(part["images"].shape[2:]) != self.size: raise ValueError(f"slice size {part['images'].shape[2:]} != {self.size}")
         self.images[self.n:self.n + k] = part["images"]; self.masks[self.n:self.n + k] = part["masks"]
-        for key in _SMALL: self.small[key].append(np.asarray(part[key]))
+        for key in _SMALL: self.small[key].append(np.asarray(part[key]) if key in part else np.full(k, -1, np.int64))
         self.n += k
 
     def close(self, meta:dict, split:dict) -> Path:
@@ -207,12 +213,12 @@ def read_cache(
     meta = read_json(meta_path)
     mode = "r" if mmap else None
     arrays = {k: np.load(folder/f"{k}.npy", mmap_mode=mode, allow_pickle=False) for k in ("images", "masks")}
-    arrays.update({k: np.load(folder/f"{k}.npy", allow_pickle=False) for k in _SMALL})
-    return SliceSet(**arrays, label_names=tuple(meta["label_names"]))
+    arrays.update({k: np.load(folder/f"{k}.npy", allow_pickle=False) for k in _SMALL if k != "category" or (folder/f"{k}.npy").exists()})
+    return SliceSet(**arrays, label_names=tuple(meta["label_names"]), category_names=tuple(meta.get("category_names", ())))
 
 # %% ../nbs/02_data.ipynb #63426556
 CACHE_FILES = ("images.npy", "masks.npy", "density.npy", "lesion.npy", "subject.npy", "slice_index.npy",
-               "source.npy", "meta.json", "split.json")
+               "source.npy", "category.npy", "meta.json", "split.json")
 
 #| export
 def _run_path(run) -> Path:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 from torch.func import functional_call, vmap
-from diffusers import UNet2DModel, DDPMScheduler, DDIMScheduler, DDPMPipeline
+from diffusers import UNet2DModel, DDPMScheduler, DDIMScheduler, DDPMPipeline, DiffusionPipeline, ImagePipelineOutput
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
@@ -29,15 +29,16 @@ from .data import SliceSet, load_sliceset, phantom_sliceset
 # %% auto #0
 __all__ = ['CONDITIONINGS', 'MIN_SNR_GAMMA', 'ADAM_BETAS', 'ADAM_WEIGHT_DECAY', 'KEEP_CHECKPOINTS', 'GPU_FAST_MIN_PARAMS',
            'GPU_TRAIN_CHANNELS_LAST', 'GPU_SAMPLE_CHANNELS_LAST', 'GPU_SAMPLE_BF16', 'RESIDENT_BYTES',
-           'LOSS_SYNC_EVERY', 'LOSS_WINDOW', 'WEIGHTS_NAME', 'SAMPLERS', 'ENSEMBLE_SIZE', 'EVAL_MODEL_IMAGES',
-           'ENSEMBLE_BENCH_SIZES', 'unet_config', 'build_unet', 'make_scheduler', 'mask_channel', 'model_conditioning',
-           'check_compatible', 'min_snr_weights', 'TrainingDiverged', 'batch_indices', 'make_accelerator',
-           'save_checkpoint', 'list_checkpoints', 'load_checkpoint', 'TrainResult', 'MaskChannel', 'train_diffusion',
-           'save_diffusion', 'load_diffusion', 'initial_noise', 'sampling_scheduler', 'model_input', 'predict_noise',
-           'to_epsilon', 'denoise_loop', 'generate', 'sample_seeds', 'choose_test_slices', 'TestConditioning',
-           'test_conditioning', 'image_grid', 'benchmark_diffusion', 'format_benchmark', 'ensemble_template',
-           'ensemble_forward', 'Ensemble', 'train_ensemble', 'training_target', 'ensemble_generate', 'ensemble_losses',
-           'benchmark_ensemble', 'format_ensemble_benchmark']
+           'LOSS_SYNC_EVERY', 'LOSS_WINDOW', 'MASK_PIPELINE_FILE', 'WEIGHTS_NAME', 'SAMPLERS', 'ENSEMBLE_SIZE',
+           'EVAL_MODEL_IMAGES', 'ENSEMBLE_BENCH_SIZES', 'unet_config', 'build_unet', 'make_scheduler', 'mask_channel',
+           'model_conditioning', 'check_compatible', 'min_snr_weights', 'TrainingDiverged', 'batch_indices',
+           'make_accelerator', 'save_checkpoint', 'list_checkpoints', 'load_checkpoint', 'TrainResult', 'MaskChannel',
+           'final_loss', 'train_diffusion', 'MaskConditionedPipeline', 'save_diffusion', 'load_diffusion',
+           'initial_noise', 'sampling_scheduler', 'model_input', 'predict_noise', 'to_epsilon', 'denoise_loop',
+           'generate', 'sample_seeds', 'choose_test_slices', 'TestConditioning', 'test_conditioning', 'image_grid',
+           'benchmark_diffusion', 'format_benchmark', 'ensemble_template', 'ensemble_forward', 'Ensemble',
+           'train_ensemble', 'training_target', 'ensemble_generate', 'ensemble_losses', 'benchmark_ensemble',
+           'format_ensemble_benchmark']
 
 # %% ../nbs/04_diffusion.ipynb #24a94b4d
 CONDITIONINGS = ("mask", "none")
@@ -325,6 +326,13 @@ RESIDENT_BYTES = 2**31    # training data up to this size is held as one tensor 
 LOSS_SYNC_EVERY = 25      # on a GPU, read the loss back (and check it for NaN) every this many steps
 LOSS_WINDOW = 50          # steps averaged in the progress bar's loss and in the reported final loss (one number, one meaning)
 
+def final_loss(
+    losses:Sequence[float], # the loss of every step so far
+) -> float:
+    "The training loss a run reports: the mean of the last `LOSS_WINDOW` steps (of all of them while there are fewer)."
+    if not len(losses): raise ValueError("no training losses yet")
+    return float(np.mean(losses[-LOSS_WINDOW:]))
+
 class _MaskBatch:
     "MaskChannel held as uint8 on the device; indexing gives the float channel, computed exactly as `mask_channel` does."
     def __init__(self, masks:torch.Tensor, n_labels:int): self.masks, self.n_labels, self.device = masks, n_labels, masks.device
@@ -422,7 +430,7 @@ def train_diffusion(
                                        f"Lower learning_rate (now {profile.diffusion.learning_rate}) or check the data.")
             losses.append(v)
         pending.clear()
-        bar.set_postfix(loss=f"{np.mean(losses[-LOSS_WINDOW:]):.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}", refresh=False)
+        bar.set_postfix({f"loss(last {LOSS_WINDOW})": f"{final_loss(losses):.4f}", "lr": f"{lr_sched.get_last_lr()[0]:.2e}"}, refresh=False)
 
     bar = tqdm(total=steps, initial=start, desc="train-diffusion", unit="step", disable=not (progress and acc.is_main_process),
                dynamic_ncols=True, leave=True)
@@ -478,6 +486,95 @@ def train_diffusion(
     ema_unet.to(device).eval()
     return TrainResult(raw, ema_unet, losses, start, secs, sps, world)
 
+# %% ../nbs/04_diffusion.ipynb #5e1a7c90
+MASK_PIPELINE_FILE = "MaskConditionedPipeline.py"   # the shim in a saved folder that diffusers imports (model_index.json `_class_name`)
+_MASK_PIPELINE_SHIM = '''"""This folder holds a mask-conditioned diffusion model of the mri_protodiff package: its UNet takes the
+noisy image and the slice's label map as a second channel, so diffusers' DDPMPipeline cannot sample it.  Load it with
+    pipe = mri_protodiff.diffusion.MaskConditionedPipeline.from_pretrained(folder)
+(no code of the folder runs), or with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True), which runs this
+file; then pipe(masks).images gives one image per label map."""
+try:
+    from mri_protodiff.diffusion import MaskConditionedPipeline
+except ImportError as e:
+    raise ImportError("this model's pipeline, MaskConditionedPipeline, is part of the mri_protodiff package: install it") from e
+'''
+
+def _draw_seeds(generator, n:int) -> list:
+    "`n` seeds for `generate`, drawn from one torch.Generator, from one generator per image, or (None) from torch's global RNG."
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n: raise ValueError(f"{len(generator)} generators for {n} masks: pass one generator per mask, or a single one")
+        return [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) for g in generator]
+    dev = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**62, (n,), generator=generator, device=dev).tolist()
+
+class MaskConditionedPipeline(DiffusionPipeline):
+    "The diffusers pipeline of a mask-conditioned UNet (input: noisy image + mask channel): one 1-channel image per label map, sampled by `generate`."
+    def __init__(self,
+        unet:UNet2DModel, # a mask-conditioned UNet (in_channels 2)
+        scheduler:DDPMScheduler, # its training noise schedule
+        n_labels:int|None=None, # number of mask labels (the mask channel is 2*label/(n_labels-1)-1); saved in model_index.json
+    ):
+        super().__init__()
+        if unet is not None and model_conditioning(unet) != "mask":
+            raise ValueError(f"MaskConditionedPipeline needs a mask-conditioned UNet (in_channels 2), got in_channels "
+                             f"{unet.config.in_channels}: sample an unconditional model with diffusers' DDPMPipeline")
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(n_labels=None if n_labels is None else int(n_labels))
+
+    def save_pretrained(self,
+        save_directory:str|Path, # the folder (created)
+        **kwargs, # passed to diffusers' `DiffusionPipeline.save_pretrained`
+    ):
+        "diffusers' save, plus what makes diffusers find this class: `_class_name` [file, class] in model_index.json, and that file."
+        super().save_pretrained(save_directory, **kwargs)
+        p = Path(save_directory)
+        index = read_json(p/"model_index.json")
+        index["_class_name"] = [Path(MASK_PIPELINE_FILE).stem, "MaskConditionedPipeline"]
+        write_json(p/"model_index.json", index)
+        atomic_write(p/MASK_PIPELINE_FILE, _MASK_PIPELINE_SHIM)
+
+    @classmethod
+    def from_pretrained(cls,
+        pretrained_model_name_or_path:str|Path, # a folder from `save_diffusion` (older runs' DDPMPipeline folders too), or a run directory
+        n_labels:int|None=None, # number of mask labels (None: model_index.json's, else conditioning.json's)
+    ) -> "MaskConditionedPipeline":
+        "Load the pipeline with `load_diffusion`, running none of the folder's code."
+        unet, scheduler = load_diffusion(pretrained_model_name_or_path)
+        if n_labels is None:
+            p = _model_path(pretrained_model_name_or_path)
+            for f in (p/"model_index.json", p/"conditioning.json"):
+                if p.is_dir() and f.exists() and read_json(f).get("n_labels") is not None: n_labels = read_json(f)["n_labels"]; break
+        return cls(unet=unet, scheduler=scheduler, n_labels=n_labels)
+
+    @torch.no_grad()
+    def __call__(self,
+        masks=None, # (N, H, W) or (N, 1, H, W) integer label maps (numpy or torch), one per image, values 0..n_labels-1
+        num_inference_steps:int=50, # denoising steps
+        generator:torch.Generator|list|None=None, # draws the per-image seeds when `seeds` is None (one generator, or one per mask)
+        seeds:Sequence[int]|None=None, # one seed per mask, as `generate` takes them (None: drawn from `generator`, else from torch's RNG)
+        sampler:str="ddim", # "ddim" (deterministic with eta 0) or "ddpm"
+        eta:float=0.0, # DDIM eta
+        batch_size:int=16, # images per forward pass (the number of images is len(masks))
+        n_labels:int|None=None, # number of mask labels (None: the pipeline's)
+        output_type:str="pil", # "pil", "np" ((N, H, W, 1) float32 in [0, 1]) or "pt" ((N, 1, H, W) in [0, 1])
+        return_dict:bool=True, # an ImagePipelineOutput, or the tuple (images,)
+    ):
+        "One 1-channel image per mask: `generate` on `mask_channel(masks)` with one seed per mask, mapped from [-1, 1] to diffusers' [0, 1]."
+        if masks is None: raise ValueError("MaskConditionedPipeline makes one image per label map: pass masks, (N, H, W) integer labels")
+        if output_type not in ("pil", "np", "pt"): raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        k = n_labels if n_labels is not None else self.config.n_labels
+        if k is None: raise ValueError("the number of mask labels is unknown (model_index.json has no n_labels): pass n_labels")
+        cond = mask_channel(masks, int(k))
+        if seeds is not None and generator is not None: raise ValueError("pass seeds or generator, not both")
+        seeds = _draw_seeds(generator, len(cond)) if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != len(cond): raise ValueError(f"{len(seeds)} seeds for {len(cond)} masks: pass one seed per mask")
+        show = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        img = generate(self.unet, self.scheduler, cond, seeds, steps=num_inference_steps, sampler=sampler, batch_size=batch_size,
+                       eta=eta, progress=show) * 0.5 + 0.5
+        images = torch.from_numpy(img) if output_type == "pt" else img.transpose(0, 2, 3, 1)
+        if output_type == "pil": images = self.numpy_to_pil(images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
 # %% ../nbs/04_diffusion.ipynb #4a37ed08
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -488,9 +585,13 @@ def save_diffusion(
     raw_unet:UNet2DModel|None=None, # optional last-step weights, saved in unet_raw/
     info:dict|None=None, # extra facts for conditioning.json (label names, ...)
 ) -> Path:
-    "Save in the diffusers layout (DDPMPipeline folder + unet_raw/ + conditioning.json)."
+    "Save in the diffusers layout (a MaskConditionedPipeline or, unconditional, a DDPMPipeline folder + unet_raw/ + conditioning.json)."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    if model_conditioning(unet) == "mask":
+        pipe = MaskConditionedPipeline(unet=unet, scheduler=scheduler, n_labels=(info or {}).get("n_labels"))
+    else:
+        pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+        (folder/MASK_PIPELINE_FILE).unlink(missing_ok=True)     # a mask model saved here before
     pipe.save_pretrained(folder, safe_serialization=True)
     if raw_unet is not None: raw_unet.save_pretrained(folder/"unet_raw", safe_serialization=True)
     write_json(folder/"conditioning.json", dict(conditioning=model_conditioning(unet), in_channels=int(unet.config.in_channels),
@@ -506,6 +607,15 @@ def _unet_folder_problems(folder:Path) -> list:
                      f"UNet2DModel.from_pretrained(...).save_pretrained(..., safe_serialization=True))" if bins else WEIGHTS_NAME)
     return probs
 
+def _model_path(path) -> Path:
+    "The checkpoint `path` names: a run directory becomes its diffusion/ folder."
+    p = Path(path.root if isinstance(path, RunDir) else path)
+    if not p.exists(): raise FileNotFoundError(f"{p}: no such file or folder")
+    if (p/"manifest.json").exists() and (p/"diffusion").is_dir(): return p/"diffusion"
+    if (p/"manifest.json").exists():
+        raise FileNotFoundError(f"{p}: a run directory without a trained model (no diffusion/); run `mri-protodiff train-diffusion --out {p}`")
+    return p
+
 def _load_unet_folder(folder:Path) -> UNet2DModel:
     cfg = read_json(folder/"config.json")
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
@@ -518,11 +628,7 @@ def load_diffusion(
     device:str|None=None, # where to put the model (None: CPU)
 ) -> tuple:
     "Load `(unet, scheduler)` from a run or a diffusers checkpoint; a missing scheduler becomes the paper's DDPM schedule."
-    p = Path(path.root if isinstance(path, RunDir) else path)
-    if not p.exists(): raise FileNotFoundError(f"{p}: no such file or folder")
-    if (p/"manifest.json").exists() and (p/"diffusion").is_dir(): p = p/"diffusion"
-    elif (p/"manifest.json").exists():
-        raise FileNotFoundError(f"{p}: a run directory without a trained model (no diffusion/); run `mri-protodiff train-diffusion --out {p}`")
+    p = _model_path(path)
     sched_dir = None
     if p.is_file():
         if p.suffix != ".safetensors": raise ValueError(f"{p}: expected a .safetensors weights file (pickled .bin/.pt files are not read)")

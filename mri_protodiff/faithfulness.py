@@ -24,6 +24,7 @@ from .stats import (bootstrap_ci, format_mean_sd, markdown_table, hierarchical_s
 from .influence import nis_from_evidence, prototype_evidence, prototype_sources
 from .trajectory import ddim_timesteps, denoise_from, record_trajectory
 from .protonets import ExplainerConfig, build_explainer
+from .prototrain import choose_label_source
 from .diffusion import build_unet, make_scheduler, mask_channel
 from .phantom import LABELS
 
@@ -915,6 +916,8 @@ def sanity_seed(
 def _labels_for(prof, train, test, predicted_test:np.ndarray|None=None):
     "(train classes, test classes) of the explainers' label source; k-means pseudo-classes: None and the predicted classes."
     src = prof.explainers.label_source
+    if src == "auto": src = choose_label_source(train)[0]
+    if src == "user": return np.asarray(train.category, np.int64), np.asarray(test.category, np.int64)
     if src == "density": return np.asarray(train.density, np.int64), np.asarray(test.density, np.int64)
     if src == "lesion": return np.asarray(train.lesion, np.int64), np.asarray(test.lesion, np.int64)
     return None, predicted_test

@@ -20,7 +20,7 @@ from .core import (Profile, RunDir, get_profile, get_device, write_json, read_js
                                 atomic_write, open_run)
 from .data import SliceSet, load_sliceset, phantom_sliceset
 from .diffusion import (build_unet, make_scheduler, train_diffusion, generate, save_diffusion, load_diffusion, mask_channel,
-                                     LOSS_WINDOW, train_ensemble, ensemble_generate, ensemble_losses, training_target)
+                                     final_loss, train_ensemble, ensemble_generate, ensemble_losses, training_target)
 from .stats import (summarize, bootstrap_ci, cluster_bootstrap_ci, format_mean_sd, format_ci, markdown_table, write_table,
                                  MIN_UNITS, TOO_SMALL)
 from .trajectory import unet_features
@@ -170,13 +170,15 @@ def resize_sliceset(
     "`ss` at `size` x `size`: images by area averaging (antialiased bilinear when enlarging), masks by nearest label."
     if tuple(ss.size) == (size, size):
         return SliceSet(np.ascontiguousarray(ss.images, dtype=np.float32), np.ascontiguousarray(ss.masks), np.asarray(ss.density),
-                        np.asarray(ss.lesion), np.asarray(ss.subject), np.asarray(ss.slice_index), np.asarray(ss.source), ss.label_names)
+                        np.asarray(ss.lesion), np.asarray(ss.subject), np.asarray(ss.slice_index), np.asarray(ss.source), ss.label_names,
+                        np.asarray(ss.category), ss.category_names)
     x = torch.from_numpy(np.array(ss.images, dtype=np.float32))
     mode = dict(mode="area") if size < ss.size[0] else dict(mode="bilinear", antialias=True, align_corners=False)
     img = F.interpolate(x, size=(size, size), **mode).clamp(-1, 1).numpy()
     m = F.interpolate(torch.from_numpy(np.asarray(ss.masks, dtype=np.float32))[:, None], size=(size, size), mode="nearest-exact")
     return SliceSet(img, m[:, 0].round().numpy().astype(np.uint8), np.asarray(ss.density), np.asarray(ss.lesion),
-                    np.asarray(ss.subject), np.asarray(ss.slice_index), np.asarray(ss.source), ss.label_names)
+                    np.asarray(ss.subject), np.asarray(ss.slice_index), np.asarray(ss.source), ss.label_names,
+                        np.asarray(ss.category), ss.category_names)
 
 @dataclass
 class GTData:
@@ -232,9 +234,10 @@ def _load_npz(path:Path) -> dict:
 
 def save_gt_data(path:str|Path, d:GTData) -> Path:
     "Write `d` to one .npz (no pickles)."
-    arrays = dict(unique=d.unique, base_index=d.base_index, planted=d.planted, label_names=np.asarray(d.train.label_names, dtype=str))
+    arrays = dict(unique=d.unique, base_index=d.base_index, planted=d.planted, label_names=np.asarray(d.train.label_names, dtype=str),
+                  category_names=np.asarray(d.train.category_names, dtype=str))
     for name, s in (("train", d.train), ("val", d.val), ("test", d.test)):
-        for k in _SS_FIELDS:
+        for k in _SS_FIELDS + ("category",):
             v = np.asarray(getattr(s, k)); arrays[f"{name}_{k}"] = v.astype(str) if v.dtype.kind in "OU" else v
     return _save_npz(Path(path), **arrays)
 
@@ -242,7 +245,8 @@ def load_gt_data(path:str|Path) -> GTData:
     "Read a `GTData` written by `save_gt_data`."
     z = _load_npz(path)
     names = tuple(z["label_names"].tolist())
-    mk = lambda n: SliceSet(*(z[f"{n}_{k}"] for k in _SS_FIELDS), label_names=names)
+    cats = tuple(z["category_names"].tolist()) if "category_names" in z else ()     # files before user classes: none
+    mk = lambda n: SliceSet(*(z[f"{n}_{k}"] for k in _SS_FIELDS), label_names=names, category=z.get(f"{n}_category"), category_names=cats)
     return GTData(mk("train"), z["unique"], z["base_index"], z["planted"], mk("val"), mk("test"))
 
 # %% ../nbs/13_groundtruth.ipynb #8baeb89f
@@ -786,7 +790,7 @@ def _stage_whole(ctx:_Ctx, data:GTData, name:str, force:bool) -> str:
         write_json(folder/"training.json", dict(losses=res.losses, seconds=res.seconds, steps_per_s=res.steps_per_s))
         shutil.rmtree(folder/"checkpoints", ignore_errors=True)
         return dict(steps=cfg.train_steps, prediction_type=cfg.prediction_type, seconds=round(res.seconds, 2),
-                    steps_per_s=round(res.steps_per_s, 3), final_loss=float(np.mean(res.losses[-LOSS_WINDOW:])))
+                    steps_per_s=round(res.steps_per_s, 3), final_loss=final_loss(res.losses))
     return ctx.run.run_stage(f"{ctx.rel}/{name}", work, dict(base=ctx.base_hash, cfg=cfg.to_dict()),
                              [f"{ctx.rel}/{name}/unet/config.json", f"{ctx.rel}/{name}/training.json"], force=force)
 
@@ -941,7 +945,7 @@ def _stage_model(ctx:_Ctx, data:GTData, rows:Sequence[int], force:bool) -> str:
     else:
         unet, sched, res = train_gt_model(data, rows, ctx.cfg, ctx.run.profile, _init_state(ctx), folder/"checkpoints",
                                           ctx.device, ctx.progress)
-        info = dict(seconds=round(res.seconds, 2), resumed_from=res.resumed_from, final_loss=float(np.mean(res.losses[-LOSS_WINDOW:])))
+        info = dict(seconds=round(res.seconds, 2), resumed_from=res.resumed_from, final_loss=final_loss(res.losses))
     ev = evaluate_model(unet, sched, probe, ctx.cfg.sample_steps)
     _save_npz(folder/"result.npz", regen=ev["regen"], output=ev["output"], rows=rows)
     shutil.rmtree(folder/"checkpoints", ignore_errors=True)
@@ -965,7 +969,7 @@ def _stage_ensemble(ctx:_Ctx, data:GTData, chunk:list, force:bool) -> dict:
     for i, (key, rows) in enumerate(chunk):
         _save_npz(ctx.folder/"models"/key/"result.npz", regen=regen[i], output=output[i], rows=rows)
         info = dict(seconds=round(ens.seconds / len(chunk), 2), ensemble=tag[:12], ensemble_models=len(chunk),
-                    final_loss=float(np.mean(ens.losses[i][-LOSS_WINDOW:])))
+                    final_loss=final_loss(ens.losses[i]))
         status[key] = _record_model(ctx, data, key, rows, info)
     shutil.rmtree(ck, ignore_errors=True)
     return status

@@ -21,10 +21,10 @@ from .data import load_sliceset, CACHE_FILES
 from .readers import parse_source, build_cache, source_fingerprint
 from .diffusion import (SAMPLERS, WEIGHTS_NAME, MaskChannel, build_unet, make_scheduler,
                                      train_diffusion, save_diffusion, load_diffusion, check_compatible, generate, test_conditioning,
-                                     image_grid, mask_channel, model_conditioning, _save_png, _save_npz, LOSS_WINDOW)
+                                     image_grid, mask_channel, model_conditioning, _save_png, _save_npz, LOSS_WINDOW, final_loss)
 from .trajectory import record_trajectory, unet_features
 from .protonets import METHODS, ExplainerConfig
-from .prototrain import (explainer_labels, pixel_features, plan_from_profile, train_one, load_explainer)
+from .prototrain import (explainer_labels, choose_label_source, pixel_features, plan_from_profile, train_one, load_explainer)
 from .stats import write_table
 from .quality import image_quality_table
 from .influence import (explainer_dirs, load_samples, explain_samples, explain_trajectories, write_explanations,
@@ -33,7 +33,7 @@ from . import faithfulness as faith
 from . import groundtruth as gt
 
 # %% auto #0
-__all__ = ['DATA_PROFILE_FIELDS', 'DIFFUSION_FIELDS', 'TRAIN_VERSION', 'NOTEBOOK_ADVICE', 'stage_table', 'require',
+__all__ = ['DATA_PROFILE_FIELDS', 'DIFFUSION_FIELDS', 'TRAIN_VERSION', 'LABELS_FILE', 'NOTEBOOK_ADVICE', 'stage_table', 'require',
            'stage_outputs', 'run_data', 'run_train_diffusion', 'run_sample', 'run_trajectory', 'explainer_workers',
            'run_train_explainers', 'write_summary', 'run_explanations', 'run_image_quality',
            'faithfulness_records_for_run', 'run_faithfulness', 'run_groundtruth', 'profile_overrides',
@@ -71,20 +71,31 @@ def stage_outputs(name:str, **fmt) -> list:
 # %% ../nbs/15_pipeline.ipynb #c486b966
 DATA_PROFILE_FIELDS = ("image_size", "n_subjects", "slices_per_subject", "val_fraction", "test_fraction", "seed")
 
+def _source_key(source:str) -> tuple:
+    "A data source as (kind, resolved path): 'folder:rel/x' and 'folder:/abs/rel/x' are the same source."
+    kind, _, path = str(source).partition(":")
+    return (kind, str(Path(path).expanduser().resolve()) if path else "")
+
 def run_data(
     run:RunDir|str|Path, # the run directory (its profile sizes the data)
     source:str="phantom", # "phantom", "folder:PATH" or "duke:PATH"
     force:bool=False, # rebuild even if done with the same inputs
-    min_breast_fraction:float=0.0, # drop slices whose breast/body-surface share of pixels is below this (0 keeps all)
-    **options, # loader options, see `load_folder` and `load_duke`
+    min_breast_fraction:float|None=None, # drop slices whose breast/body-surface share of pixels is below this (0 keeps all); None: as recorded, else 0
+    **options, # loader options, see `load_folder` and `load_duke`; none given: those the run recorded for the same source
 ) -> str:
     "Stage `data`: build the cached slice set and `split.json` in `run/data`; returns 'done' or 'skipped'."
     run = run if isinstance(run, RunDir) else RunDir(run)
     prof = run.profile
     kind, path = parse_source(source)
-    inputs = dict(source=source, kind=kind, profile={k: prof.get(k) for k in DATA_PROFILE_FIELDS},
-                  min_breast_fraction=min_breast_fraction, options=options, version=1)
-    if kind != "phantom": inputs["files"] = source_fingerprint(path, options)
+    recorded = dict(run.stage("data").get("params") or {})
+    rec_source = recorded.pop("source", None)
+    same = rec_source == source or (rec_source is not None and _source_key(rec_source) == _source_key(source))
+    rec_mbf = recorded.pop("min_breast_fraction", 0.0)
+    if min_breast_fraction is None: min_breast_fraction = rec_mbf if same else 0.0
+    if not options and same: options = recorded
+    inputs = dict(source=source if kind == "phantom" else ":".join(_source_key(source)), kind=kind,
+                  profile={k: prof.get(k) for k in DATA_PROFILE_FIELDS}, min_breast_fraction=min_breast_fraction, options=options, version=1)
+    if kind != "phantom": inputs["files"] = source_fingerprint(path.resolve(), options)
     work = lambda: build_cache(run/"data", prof, source, min_breast_fraction, **options)
     return run.run_stage("data", work, inputs, outputs=stage_outputs("data"), force=force,
                          params=dict(source=source, min_breast_fraction=min_breast_fraction, **options))
@@ -132,7 +143,7 @@ def run_train_diffusion(
                               tag=hash_inputs(inputs), progress=progress, device=device)
         summary = dict(steps=len(res.losses), resumed_from=res.resumed_from, seconds=round(res.seconds, 2),
                        steps_per_s=round(res.steps_per_s, 3), num_processes=res.num_processes,
-                       final_loss=float(np.mean(res.losses[-LOSS_WINDOW:])), parameters=sum(p.numel() for p in unet.parameters()))
+                       final_loss=final_loss(res.losses), final_loss_window=LOSS_WINDOW, parameters=sum(p.numel() for p in unet.parameters()))
         if _rank() == 0:
             save_diffusion(folder, res.ema_unet.cpu(), sched, raw_unet=res.unet.cpu(), info=dict(info, source="trained"))
             write_json(folder/"training.json", dict(summary, losses=res.losses, min_snr_gamma=prof.diffusion.min_snr_gamma))
@@ -253,6 +264,8 @@ def _train_job(folder, cfg, plan, train, val, test, labels, seed, device, unet) 
     finally:
         if cpu: torch.set_num_threads(old)
 
+LABELS_FILE = "protonets/labels.json"   # the explainers' classes: source, names and why (read by `reproduce` and the experiment notebooks)
+
 def run_train_explainers(
     run:RunDir, # the run directory (its data stage must be done)
     methods:Sequence[str]|None=None, # default: the profile's `methods`
@@ -274,8 +287,13 @@ def run_train_explainers(
     require(run, "train-explainers")
     train, val, test = (load_sliceset(run, s) for s in ("train", "val", "test"))
     feats, fname = (None, None)
-    if prof.explainers.label_source == "kmeans": feats, fname = _kmeans_features(run, (train, val, test), prof.explainers.kmeans_features)
-    labels = explainer_labels(train, val, test, prof.explainers.label_source, prof.explainers.n_classes, prof.seed, feats, fname or "pixels")
+    source, reason = (choose_label_source(train) if prof.explainers.label_source == "auto" else (prof.explainers.label_source, None))
+    if source == "kmeans": feats, fname = _kmeans_features(run, (train, val, test), prof.explainers.kmeans_features)
+    labels = explainer_labels(train, val, test, source, prof.explainers.n_classes, prof.seed, feats, fname or "pixels")
+    if reason: labels.reason = f"label_source 'auto': {reason}"
+    if reason and progress: print(f"train-explainers: classes = {labels.source} {list(labels.names)}: {reason}", flush=True)
+    record = dict(source=labels.source, names=list(labels.names), reason=labels.reason, info=labels.info)
+    if not (run/LABELS_FILE).exists() or read_json(run/LABELS_FILE) != json.loads(json.dumps(record)): write_json(run/LABELS_FILE, record)
     unet, unet_hash = (None, None)
     if backbone == "unet": unet, unet_hash = _unet_for(run)
     pretrained = backbone not in ("cnn", "unet") and (backbone_weights or "imagenet") != "random"
@@ -517,18 +535,19 @@ def profile_overrides(prof:Profile) -> dict:
     except ValueError: base = {}
     return {k: v for k, v in prof.flat().items() if k != "name" and base.get(k) != v}
 
-NOTEBOOK_ADVICE = ('as notebook (papermill) parameters: profile="" keeps the run\'s recorded profile and overrides="{}" changes '
-                   'nothing (-p profile "" -p overrides "{}"), or set run_dir to a new folder')
+NOTEBOOK_ADVICE = ('as notebook (papermill) parameters: -p profile "" -p overrides "{}" keep the run\'s recorded profile, '
+                   '-p force True replaces it (and redoes this notebook\'s stages), or -p run_dir NEW_FOLDER starts a new run')
 
 def open_experiment(
     run_dir:str|Path, # the `run_dir` parameter
     profile:str="", # the `profile` parameter: a profile name, or "" for the run's recorded profile (quick for a new run)
     overrides:str|dict="{}", # the `overrides` parameter (a JSON object as text)
+    force:bool=False, # the `force` parameter: a profile that differs from the recorded one replaces it (as `--force` does)
 ) -> RunDir:
     "The run directory an experiment notebook works in, opened with the profile `reproduce` passed (or the run's own)."
     ov = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
     if not isinstance(ov, dict): raise ValueError(f"overrides must be a JSON object, got {overrides!r}")
-    try: return open_run(run_dir, profile or None, ov)
+    try: return open_run(run_dir, profile or None, ov, force=bool(force))
     except ProfileMismatch as e: raise ProfileMismatch(e.path, e.changed, NOTEBOOK_ADVICE) from None
 
 def experiment_inputs(

@@ -24,14 +24,29 @@ from .phantom import DENSITY_CLASSES
 
 # %% auto #0
 __all__ = ['LABEL_SOURCES', 'LR_FACTORS', 'WEIGHT_DECAY', 'EPPNET_CLST_COEF', 'GUMBEL_MAX_SCALE', 'GUMBEL_START',
-           'PROTO_INIT_IMAGES', 'LAST_LAYER_EPOCH_PASSES', 'AUGMENT', 'DUP_TOL', 'Labels', 'pixel_features',
-           'kmeans_labels', 'explainer_labels', 'Stage', 'TrainPlan', 'plan_from_profile', 'gumbel_scale', 'PushResult',
-           'push_prototypes', 'augment_batch', 'last_layer_inputs', 'init_prototypes', 'FitResult', 'fit_explainer',
-           'predict', 'accuracy_report', 'duplicate_check', 'push_records', 'save_explainer', 'load_explainer',
-           'prototype_gallery', 'train_one', 'push_benchmark']
+           'PROTO_INIT_IMAGES', 'LAST_LAYER_EPOCH_PASSES', 'AUGMENT', 'DUP_TOL', 'choose_label_source', 'Labels',
+           'pixel_features', 'kmeans_labels', 'explainer_labels', 'Stage', 'TrainPlan', 'plan_from_profile',
+           'gumbel_scale', 'PushResult', 'push_prototypes', 'augment_batch', 'last_layer_inputs', 'init_prototypes',
+           'FitResult', 'fit_explainer', 'predict', 'accuracy_report', 'duplicate_check', 'push_records',
+           'save_explainer', 'load_explainer', 'prototype_gallery', 'train_one', 'push_benchmark']
 
 # %% ../nbs/07_prototrain.ipynb #62c80fbe
-LABEL_SOURCES = ("density", "lesion", "kmeans")
+LABEL_SOURCES = ("auto", "user", "density", "lesion", "kmeans")
+
+def choose_label_source(
+    train, # the TRAIN `SliceSet`
+) -> tuple:
+    "For `label_source='auto'`: (source, reason) from what the training split carries -- user classes, density, lesion, else k-means."
+    cat, dens, les = (np.asarray(a, np.int64) for a in (train.category, train.density, train.lesion))
+    if len(train.category_names) and (cat >= 0).any():
+        return "user", f"the data carries the user's own classes {list(train.category_names)}"
+    have = sorted(set(dens[dens >= 0].tolist()))
+    if have == list(range(len(DENSITY_CLASSES))): return "density", "the training split has BI-RADS density labels of all 4 classes"
+    if {0, 1} <= set(les[les >= 0].tolist()): return "lesion", "the training split has slices with and without a lesion"
+    why = "no user classes, " + (f"density labels of only {[DENSITY_CLASSES[c] for c in have]}" if have else "no density labels") + \
+          ", no lesion labels with both values"
+    return "kmeans", (f"the data carries {why}: the explainers learn k-means pseudo-classes (clusters, not diagnoses); "
+                      "give your own with --labels-csv FILE (columns path,label) or --labels-from-folders label")
 
 @dataclass
 class Labels:
@@ -43,6 +58,7 @@ class Labels:
     names:tuple
     source:str
     info:dict = field(default_factory=dict)  # how they were made (JSON-able)
+    reason:str = ""                           # why this source (for `auto`: what the data carries)
 
 def pixel_features(images:np.ndarray, grid:int=8, batch:int=512) -> np.ndarray:
     "Average-pooled images (N, grid*grid): a cheap, label-free image descriptor for k-means."
@@ -68,14 +84,22 @@ def kmeans_labels(
 # %% ../nbs/07_prototrain.ipynb #8956dd72
 def explainer_labels(
     train, val, test, # `SliceSet`s of the three splits
-    source:str="density", # one of `LABEL_SOURCES`
+    source:str="auto", # one of `LABEL_SOURCES`
     n_classes:int=4, # classes for `kmeans` (density has 4 and lesion 2 by definition)
     seed:int=0, # k-means seed
     features:tuple|None=None, # `kmeans`: (train, val, test) feature arrays; default `pixel_features`
     feature_name:str="pixels", # what `features` are, for the record
 ) -> Labels:
-    "Class labels for the explainers from the slice sets' density / lesion fields or k-means pseudo-classes."
-    if source == "density":
+    "Class labels for the explainers from the slice sets' user classes, density / lesion fields or k-means pseudo-classes."
+    reason = None
+    if source == "auto": source, reason = choose_label_source(train)
+    if source == "user":
+        if not len(train.category_names):
+            raise ValueError("label source 'user': the data has no classes of its own; give them with --labels-csv FILE "
+                             "(columns path,label) or --labels-from-folders label when building the data")
+        lab = Labels(np.asarray(train.category), np.asarray(val.category), np.asarray(test.category),
+                     len(train.category_names), tuple(train.category_names), source)
+    elif source == "density":
         lab = Labels(np.asarray(train.density), np.asarray(val.density), np.asarray(test.density),
                      len(DENSITY_CLASSES), tuple(DENSITY_CLASSES), source)
     elif source == "lesion":
@@ -97,6 +121,7 @@ def explainer_labels(
         raise ValueError(f"label source {source!r}: no training slice of class(es) {empty}; "
                          f"the explainers need every class in the TRAIN split{hint}")
     lab.info.update(train_counts=counts.tolist(), unknown_train=int((lab.train < 0).sum()))
+    lab.reason = reason or f"label_source={source!r} in the profile"
     return lab
 
 # %% ../nbs/07_prototrain.ipynb #594c1077

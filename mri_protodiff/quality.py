@@ -23,13 +23,14 @@ from .stats import bootstrap_ci, summarize, format_mean_sd, markdown_table, writ
 from .data import load_sliceset
 
 # %% auto #0
-__all__ = ['SCALINGS', 'ALEXNET_FILE', 'LPIPS_UNAVAILABLE', 'LPIPS_HOWTO', 'DOMAIN_WIDTH', 'DOMAIN_EPOCHS', 'DOMAIN_MIN_STEPS',
-           'DOMAIN_BATCH', 'DOMAIN_LR', 'N_DENSITY', 'INCEPTION_FILE', 'FID_HOWTO', 'PAPER_IMAGE_QUALITY', 'PAIRINGS',
-           'to_unit_range', 'psnr_ssim', 'find_alexnet_weights', 'lpips_linear_weights', 'LPIPSMetric', 'load_lpips',
-           'lpips_distances', 'frechet_distance', 'DomainEncoder', 'tissue_fractions', 'train_domain_encoder',
-           'density_accuracy', 'domain_features', 'save_domain_encoder', 'load_domain_encoder',
-           'find_inception_weights', 'inception_fid', 'pairings', 'image_quality_frame', 'domain_encoder_for_run',
-           'image_quality_table', 'quality_markdown']
+__all__ = ['SCALINGS', 'ALEXNET_FILE', 'LPIPS_UNAVAILABLE', 'LPIPS_HOWTO', 'OFFLINE_ENV', 'DOMAIN_WIDTH', 'DOMAIN_EPOCHS',
+           'DOMAIN_MIN_STEPS', 'DOMAIN_BATCH', 'DOMAIN_LR', 'N_DENSITY', 'INCEPTION_FILE', 'FID_HOWTO',
+           'PAPER_IMAGE_QUALITY', 'PAIRINGS', 'to_unit_range', 'psnr_ssim', 'hub_checkpoint', 'find_alexnet_weights',
+           'fetch_alexnet_weights', 'lpips_linear_weights', 'LPIPSMetric', 'load_lpips', 'lpips_distances',
+           'frechet_distance', 'DomainEncoder', 'tissue_fractions', 'train_domain_encoder', 'density_accuracy',
+           'domain_features', 'save_domain_encoder', 'load_domain_encoder', 'find_inception_weights', 'load_fid',
+           'inception_fid', 'pairings', 'image_quality_frame', 'domain_encoder_for_run', 'image_quality_table',
+           'quality_markdown']
 
 # %% ../nbs/09_quality.ipynb #58e3c8f5
 SCALINGS = ("paper", "fixed")
@@ -75,24 +76,73 @@ def psnr_ssim(
 # %% ../nbs/09_quality.ipynb #defb2f90
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 LPIPS_UNAVAILABLE = "unavailable: pretrained weights not found"
-LPIPS_HOWTO = (f"LPIPS needs torchvision's ImageNet AlexNet weights ({ALEXNET_FILE}): put the file in "
-               "torch.hub.get_dir()/checkpoints/ (e.g. $TORCH_HOME/hub/checkpoints/), or set "
+LPIPS_HOWTO = (f"LPIPS needs torchvision's ImageNet AlexNet weights ({ALEXNET_FILE}), which torchvision downloads on "
+               "first use into torch.hub.get_dir()/checkpoints/ ($TORCH_HOME/hub/checkpoints/, by default "
+               "~/.cache/torch/hub/checkpoints/); without network put the file there, or set "
                "MRI_PROTODIFF_ALEXNET_WEIGHTS=/path/to/it, or pass alexnet_weights=PATH; "
                "its linear layers ship in the lpips package (weights/v0.1/alex.pth)")
+
+def hub_checkpoint(
+    file:str, # a checkpoint's file name, e.g. `ALEXNET_FILE`
+) -> Path:
+    "Where torch.hub keeps a downloaded checkpoint (the cache torchvision and torch-fidelity read and download into)."
+    return Path(torch.hub.get_dir())/"checkpoints"/file
+
+def _given_file(
+    path:str|Path|None, # a file passed as a parameter
+    param:str, # the parameter's name, for the error message
+    env:str, # the environment variable that may name the file instead
+) -> Path|None:
+    "`path`, else the file `$env` names; an error naming the parameter if that file is missing; None if neither is set."
+    for p, what in ((path, param), (os.environ.get(env), env)):
+        if p:
+            if not Path(p).is_file(): raise FileNotFoundError(f"{what}={str(p)!r}: no such file")
+            return Path(p)
+    return None
+
+def _on_disk(path, param:str, env:str, file:str) -> Path|None:
+    "`_given_file(path, param, env)`, else torch.hub's cached `file` if it is there; None if neither."
+    given = _given_file(path, param, env)
+    if given is not None: return given
+    cached = hub_checkpoint(file)
+    return cached if cached.is_file() else None
 
 def find_alexnet_weights(
     path:str|Path|None=None, # an explicit file; must exist if given
 ) -> Path|None:
-    "Where the ImageNet AlexNet weights are: `path`, `$MRI_PROTODIFF_ALEXNET_WEIGHTS`, or torch's hub cache; None if absent."
-    if path is not None:
-        if not Path(path).is_file(): raise FileNotFoundError(f"alexnet_weights={str(path)!r}: no such file")
-        return Path(path)
-    env = os.environ.get("MRI_PROTODIFF_ALEXNET_WEIGHTS")
-    if env:
-        if not Path(env).is_file(): raise FileNotFoundError(f"MRI_PROTODIFF_ALEXNET_WEIGHTS={env!r}: no such file")
-        return Path(env)
-    cached = Path(torch.hub.get_dir())/"checkpoints"/ALEXNET_FILE
-    return cached if cached.is_file() else None
+    "Where the ImageNet AlexNet weights are on disk: `path`, `$MRI_PROTODIFF_ALEXNET_WEIGHTS`, or torch.hub's cache; None if absent."
+    return _on_disk(path, "alexnet_weights", "MRI_PROTODIFF_ALEXNET_WEIGHTS", ALEXNET_FILE)
+
+_SAID = set()   # download failures already warned about
+OFFLINE_ENV = "MRI_PROTODIFF_OFFLINE"   # set (not "0"): never download weights, use only what is on disk (the test suite sets it)
+
+def _from_hub(
+    load, # () -> the object; the library's own call, which reads torch.hub's cache and downloads into it
+    file:str, # the cache file that call uses
+    url:str, # where it downloads from
+    who:str, # the library, for the message
+):
+    "`load()`, or a 'could not download' string when the file is not cached and the download fails; a cached file that does not load is an error naming it."
+    cached = hub_checkpoint(file); was_cached = cached.is_file()
+    if not was_cached and os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        return f"{who} did not download {url} to {cached} ({OFFLINE_ENV} is set)"
+    try:
+        return load()
+    except Exception as e:
+        if was_cached:
+            raise ValueError(f"{cached}: does not load as {who}'s weights ({type(e).__name__}: {e}); "
+                             "delete it to have it downloaded again, or put the right file there") from e
+        if not isinstance(e, (OSError, RuntimeError)): raise    # URLError/HTTPError/timeouts are OSErrors; a bad hash a RuntimeError
+        why = f"{who} could not download {url} to {cached} ({e})"
+        if why not in _SAID:   # once per process: Python's own once-only registry is reset by every catch_warnings()
+            _SAID.add(why); warnings.warn(f"{why}; the metric is reported as unavailable", stacklevel=3)
+        return why
+
+def fetch_alexnet_weights() -> dict|str:
+    "torchvision's ImageNet AlexNet state dict by torchvision's own call (torch.hub's cache; downloaded there if absent), or why not."
+    from torchvision.models import alexnet, AlexNet_Weights
+    w = AlexNet_Weights.IMAGENET1K_V1
+    return _from_hub(lambda: alexnet(weights=w).state_dict(), ALEXNET_FILE, w.url, "torchvision")
 
 def lpips_linear_weights(version:str="0.1") -> Path|None:
     "The LPIPS linear-layer weights for AlexNet that ship in the `lpips` package (None if missing)."
@@ -130,7 +180,7 @@ def _lpips_random_trunk(lin:Path) -> nn.Module:
         return lpips.LPIPS(net="alex", pnet_rand=True, model_path=str(lin), verbose=False).eval()
 
 def load_lpips(
-    alexnet_weights:str|Path|None=None, # ImageNet AlexNet state dict (torchvision's file); None: search (see `find_alexnet_weights`)
+    alexnet_weights:str|Path|None=None, # ImageNet AlexNet state dict (torchvision's file); None: $MRI_PROTODIFF_ALEXNET_WEIGHTS, else torchvision (cache or download)
     lpips_weights:str|Path|None=None, # LPIPS linear layers; None: the file shipped in the lpips package
     pnet_rand:bool=False, # random AlexNet trunk: exercises the code path only, the result is NOT LPIPS
 ) -> LPIPSMetric:
@@ -141,11 +191,13 @@ def load_lpips(
     if pnet_rand:
         m = _lpips_random_trunk(lin)
         return LPIPSMetric(m, "random AlexNet trunk (pnet_rand=True): a code-path test, not LPIPS", random_trunk=True)
-    trunk = find_alexnet_weights(alexnet_weights)
-    if trunk is None: return LPIPSMetric(None, f"{LPIPS_UNAVAILABLE}; {LPIPS_HOWTO}")
-    # build without touching the network (random trunk), then load the ImageNet trunk from the file
+    trunk = _given_file(alexnet_weights, "alexnet_weights", "MRI_PROTODIFF_ALEXNET_WEIGHTS")
+    if trunk is not None: sd = _state_dict_file(trunk)
+    else:
+        sd, trunk = fetch_alexnet_weights(), hub_checkpoint(ALEXNET_FILE)
+        if isinstance(sd, str): return LPIPSMetric(None, f"{LPIPS_UNAVAILABLE}; {sd}; {LPIPS_HOWTO}")
+    # lpips' network built without touching the network (random trunk), then the ImageNet trunk copied in
     m = _lpips_random_trunk(lin)
-    sd = _state_dict_file(trunk)
     for sl in (m.net.slice1, m.net.slice2, m.net.slice3, m.net.slice4, m.net.slice5):
         for name, mod in sl.named_children():
             for pname, par in mod.named_parameters(recurse=False):
@@ -329,32 +381,39 @@ def load_domain_encoder(folder:str|Path) -> tuple[DomainEncoder, dict]:
 
 # %% ../nbs/09_quality.ipynb #d74e606a
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-FID_HOWTO = ("Inception FID needs `pip install torch-fidelity` and the InceptionV3 weights "
-             f"{INCEPTION_FILE}: put it in torch.hub.get_dir()/checkpoints/, or set "
-             "MRI_PROTODIFF_INCEPTION_WEIGHTS=/path/to/it, or pass inception_weights=PATH")
+FID_HOWTO = ("Inception FID needs `pip install torch-fidelity` and its InceptionV3 weights "
+             f"{INCEPTION_FILE}, which torch-fidelity downloads on first use into torch.hub.get_dir()/checkpoints/ "
+             "($TORCH_HOME/hub/checkpoints/, by default ~/.cache/torch/hub/checkpoints/); without network put the "
+             "file there, or set MRI_PROTODIFF_INCEPTION_WEIGHTS=/path/to/it, or pass inception_weights=PATH")
 
-def find_inception_weights(path:str|Path|None=None) -> Path|None:
-    "The torch-fidelity InceptionV3 weights: `path`, `$MRI_PROTODIFF_INCEPTION_WEIGHTS`, or torch's hub cache; None if absent."
-    for p, what in ((path, "inception_weights"), (os.environ.get("MRI_PROTODIFF_INCEPTION_WEIGHTS"), "MRI_PROTODIFF_INCEPTION_WEIGHTS")):
-        if p:
-            if not Path(p).is_file(): raise FileNotFoundError(f"{what}={str(p)!r}: no such file")
-            return Path(p)
-    cached = Path(torch.hub.get_dir())/"checkpoints"/INCEPTION_FILE
-    return cached if cached.is_file() else None
+def find_inception_weights(
+    path:str|Path|None=None, # an explicit file; must exist if given
+) -> Path|None:
+    "Where the torch-fidelity InceptionV3 weights are on disk: `path`, `$MRI_PROTODIFF_INCEPTION_WEIGHTS`, or torch.hub's cache; None if absent."
+    return _on_disk(path, "inception_weights", "MRI_PROTODIFF_INCEPTION_WEIGHTS", INCEPTION_FILE)
+
+def load_fid(
+    weights:str|Path|None=None, # InceptionV3 weights file; None: $MRI_PROTODIFF_INCEPTION_WEIGHTS, else torch-fidelity (cache or download)
+):
+    "torchmetrics' `FrechetInceptionDistance(feature=2048, normalize=True)`, or a string 'unavailable: ...' saying what is missing."
+    if importlib.util.find_spec("torch_fidelity") is None:
+        return f"unavailable: torch-fidelity is not installed; {FID_HOWTO}"
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    w = _given_file(weights, "inception_weights", "MRI_PROTODIFF_INCEPTION_WEIGHTS")
+    if w is not None: return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(w))
+    fid = _from_hub(lambda: FrechetInceptionDistance(feature=2048, normalize=True), INCEPTION_FILE, URL_INCEPTION_V3, "torch-fidelity")
+    return f"{LPIPS_UNAVAILABLE}; {fid}; {FID_HOWTO}" if isinstance(fid, str) else fid
 
 def inception_fid(
     real:np.ndarray, # (N, 1, H, W) real images in [-1, 1]
     generated:np.ndarray, # (M, 1, H, W) generated images in [-1, 1]
-    weights:str|Path|None=None, # InceptionV3 weights (see `find_inception_weights`)
-    batch_size:int=32,
+    weights:str|Path|None=None, # InceptionV3 weights file (see `load_fid`)
+    batch_size:int=32, # images per forward pass
 ) -> float|str:
     "FID in InceptionV3 space (torchmetrics), or a string starting 'unavailable: ...' saying what is missing."
-    if importlib.util.find_spec("torch_fidelity") is None:
-        return f"unavailable: torch-fidelity is not installed; {FID_HOWTO}"
-    w = find_inception_weights(weights)
-    if w is None: return f"{LPIPS_UNAVAILABLE}; {FID_HOWTO}"
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(w))
+    fid = load_fid(weights)
+    if isinstance(fid, str): return fid
     for arr, is_real in ((real, True), (generated, False)):
         x = to_unit_range(arr, "fixed")
         for i in range(0, len(x), batch_size):
@@ -412,8 +471,8 @@ def image_quality_frame(
     test_subject:np.ndarray|None=None, # (n_test,) subjects, so that real-vs-real pairs come from different subjects
     train_images:np.ndarray|None=None, # (n_train, 1, H, W) real training slices (real-vs-real Frechet baseline)
     encoder:DomainEncoder|None=None, # domain feature space; None: no domain Frechet rows
-    lpips_metric:LPIPSMetric|None=None, # from `load_lpips`; None: tried with the default search
-    inception_weights:str|Path|None=None, # see `find_inception_weights`
+    lpips_metric:LPIPSMetric|None=None, # from `load_lpips`; None: `load_lpips()` (torchvision's cache or download)
+    inception_weights:str|Path|None=None, # see `load_fid`
     n_bootstrap:int=1000, # bootstrap resamples for CIs
     seed:int=0, # pairing and baseline-subset seed
     fd_repeats:int=5, # real-vs-real Frechet baseline: this many random training subsets of the generated set's size
@@ -437,8 +496,8 @@ def image_quality_frame(
             rows.append(_row("PSNR (dB)", variant, scaling, p, note=note, paper=PAPER_IMAGE_QUALITY["PSNR (dB)"] if is_paper else None, **kw))
             rows.append(_row("SSIM", variant, scaling, s, note=note, paper=PAPER_IMAGE_QUALITY["SSIM"] if is_paper else None, **kw))
             ref = PAPER_IMAGE_QUALITY["LPIPS (AlexNet)"] if is_paper and not lp.random_trunk else None
-            if lp.model is None:
-                rows.append(_row("LPIPS (AlexNet)", variant, scaling, value=lp.message, note=PAIRINGS[variant], paper=ref))
+            if lp.model is None:   # the note is only why and how to provide it: one note for all these rows
+                rows.append(_row("LPIPS (AlexNet)", variant, scaling, value=lp.message, paper=ref))
             else:
                 rows.append(_row(lp.name, variant, scaling, lpips_distances(lp, left, right, scaling),
                                  note=PAIRINGS[variant] + "; 3-channel [-1,1] input" + ("" if lp.available else f"; {lp.message}"),
@@ -492,8 +551,8 @@ def domain_encoder_for_run(
 
 def image_quality_table(
     run:RunDir, # a run with data and samples (run/"samples"/"samples.npz")
-    alexnet_weights:str|Path|None=None, # ImageNet AlexNet weights for LPIPS (else searched; see `find_alexnet_weights`)
-    inception_weights:str|Path|None=None, # InceptionV3 weights for FID (see `find_inception_weights`)
+    alexnet_weights:str|Path|None=None, # ImageNet AlexNet weights for LPIPS (see `load_lpips`)
+    inception_weights:str|Path|None=None, # InceptionV3 weights for FID (see `load_fid`)
     force:bool=False, # retrain the domain encoder
     lpips_metric:LPIPSMetric|None=None, # override LPIPS (tests: `load_lpips(pnet_rand=True)`)
     encoder_steps:int=DOMAIN_MIN_STEPS, # minimum optimiser steps of the domain encoder

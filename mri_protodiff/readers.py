@@ -19,11 +19,11 @@ from .data import (SliceSet, SPLITS, CLIP_PERCENTILES, CacheWriter, percentile_s
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'VOLUME_EXTS', 'ARRAY_EXTS', 'DICOM_EXTS', 'COMPANION_EXTS', 'DUKE_SERIES', 'DUKE_BOX_COLUMNS',
-           'LOADER_OPTIONS', 'Volume', 'file_kind', 'read_image', 'read_volume', 'read_array', 'read_dicom_file',
-           'dicom_pixels', 'read_dicom_series', 'read_any', 'otsu_mask', 'preprocess_volume', 'Item', 'index_folder',
-           'load_item', 'read_duke_boxes', 'read_density_table', 'resample_segmentation', 'index_duke',
-           'write_duke_example', 'parse_source', 'summarize_notes', 'build_real_cache', 'source_fingerprint',
-           'build_cache']
+           'DUKE_SUBTYPES', 'LOADER_OPTIONS', 'Volume', 'file_kind', 'read_image', 'read_volume', 'read_array',
+           'read_dicom_file', 'dicom_pixels', 'read_dicom_series', 'read_any', 'otsu_mask', 'preprocess_volume', 'Item',
+           'index_folder', 'load_item', 'read_duke_boxes', 'read_density_table', 'parse_coding', 'read_duke_clinical',
+           'resample_segmentation', 'index_duke', 'write_duke_example', 'parse_source', 'summarize_notes',
+           'build_real_cache', 'source_fingerprint', 'build_cache']
 
 # %% ../nbs/03_readers.ipynb #5ae68bc1
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -344,6 +344,7 @@ class Item:
     n_slices:int
     density:int = -1
     lesion:int = -1
+    category:str|None = None             # the user's own class (CSV `label` column or subfolder name); None unknown
     mask_path:Path|None = None
     post:object = None                   # optional function Volume -> Volume (masks, per-slice labels)
 
@@ -413,8 +414,8 @@ def _find_mask(masks:Path, key:str, kind:str) -> Path|None:
 def index_folder(
     root:str|Path, # the folder to read
     axis:int=2, # volumes: cut along this axis (RAS for NIfTI: 2 = axial)
-    labels_csv:str|Path|None=None, # CSV with a `file` column and any of `density`, `lesion`, `subject`
-    labels_from_folders:str|None=None, # "density" or "lesion": read that label from the first folder level
+    labels_csv:str|Path|None=None, # CSV with a `file` (or `path`) column and any of `label`, `density`, `lesion`, `subject`
+    labels_from_folders:str|None=None, # "density", "lesion" or "label" (the user's own class): read it from the first folder level
     masks:str|Path|None=None, # parallel folder of label maps with matching names
     subject_regex:str|None=None, # group items into subjects by the first group of this regex on the relative path
     volume_index:int|None=None, # 4-D volumes: which 3-D volume to take
@@ -460,11 +461,14 @@ def index_folder(
             if not m: raise ValueError(f"{root/it.key}: subject_regex {subject_regex!r} does not match {it.key!r}")
             it.subject = m.group(1) if m.groups() else m.group(0)
         else: it.subject = base
+    if labels_from_folders not in (None, "density", "lesion", "label"):
+        raise ValueError(f"labels_from_folders must be 'density', 'lesion' or 'label' (the user's own classes), got {labels_from_folders!r}")
     if labels_from_folders:
         for it in items:
             parts = it.key.split("/")
             if len(parts) < 2: raise ValueError(f"{root/it.key}: labels_from_folders needs every file inside a label folder")
-            setattr(it, labels_from_folders, _parse_label(parts[0], labels_from_folders, str(root/it.key)))
+            if labels_from_folders == "label": it.category = parts[0]
+            else: setattr(it, labels_from_folders, _parse_label(parts[0], labels_from_folders, str(root/it.key)))
     if labels_csv: _apply_labels_csv(items, root, Path(labels_csv))
     if masks:
         mroot = Path(masks)
@@ -480,7 +484,7 @@ def index_folder(
 
 # %% ../nbs/03_readers.ipynb #ead05772
 def _apply_labels_csv(items:list, root:Path, path:Path) -> None:
-    "Set density / lesion / subject of `items` from a CSV; files named there but absent are an error."
+    "Set the user's class (`label`), density / lesion / subject of `items` from a CSV; files named there but absent are an error."
     if not path.is_file(): raise FileNotFoundError(f"labels CSV {path}: no such file")
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
@@ -488,8 +492,8 @@ def _apply_labels_csv(items:list, root:Path, path:Path) -> None:
     cols = {c.strip().lower(): c for c in rows[0].keys() if c}
     fcol = next((cols[c] for c in ("file", "path", "filename") if c in cols), None)
     if fcol is None: raise ValueError(f"{path}: the labels CSV needs a 'file' column (found {list(rows[0].keys())})")
-    if not any(c in cols for c in ("density", "lesion", "subject")):
-        raise ValueError(f"{path}: the labels CSV needs a 'density', 'lesion' or 'subject' column (found {list(rows[0].keys())})")
+    if not any(c in cols for c in ("label", "density", "lesion", "subject")):
+        raise ValueError(f"{path}: the labels CSV needs a 'label', 'density', 'lesion' or 'subject' column (found {list(rows[0].keys())})")
     by_key = {}
     for it in items:
         by_key[it.key] = it
@@ -503,6 +507,7 @@ def _apply_labels_csv(items:list, root:Path, path:Path) -> None:
         for c in ("density", "lesion"):
             if c in cols: setattr(it, c, _parse_label(r[cols[c]], c, f"{path} line {i}"))
         if "subject" in cols and (r[cols["subject"]] or "").strip(): it.subject = r[cols["subject"]].strip()
+        if "label" in cols: it.category = (r[cols["label"]] or "").strip() or None
     if missing:
         raise ValueError(f"{path}: {len(missing)} file(s) named in the labels CSV are not in {root}: "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -539,13 +544,13 @@ DUKE_SERIES = {
 DUKE_BOX_COLUMNS = ("patient id", "start row", "end row", "start column", "end column", "start slice", "end slice")
 _DUKE_PATIENT = re.compile(r"^Breast_MRI_\d+$")
 
-def _read_table(path:Path):
-    "An xlsx/xls/csv table as a pandas DataFrame, naming the file on failure."
+def _read_table(path:Path, **kw):
+    "An xlsx/xls/csv table as a pandas DataFrame (`kw` go to pandas, e.g. header=None), naming the file on failure."
     import pandas as pd
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
     try:
-        return pd.read_excel(path) if path.suffix.lower() in (".xlsx", ".xlsm", ".xls") else pd.read_csv(path)
+        return pd.read_excel(path, **kw) if path.suffix.lower() in (".xlsx", ".xlsm", ".xls") else pd.read_csv(path, **kw)
     except Exception as e:
         raise ValueError(f"{path}: cannot read this table ({type(e).__name__}: {e})") from None
 
@@ -578,6 +583,73 @@ def read_density_table(path:str|Path) -> dict:
             if v in ("1", "2", "3", "4", "1.0", "2.0", "3.0", "4.0"): vals.append(int(float(v)) - 1)
             elif v in ("a", "b", "c", "d"): vals.append("abcd".index(v))
         if vals: out[str(r[idc]).strip()] = int(np.floor(np.median(vals)))
+    return out
+
+# %% ../nbs/03_readers.ipynb #4c1d7e2a
+def _cell(v) -> str:
+    "A spreadsheet cell as text: whitespace collapsed, '' for empty/NaN, integral numbers without '.0' (3.0 -> '3')."
+    if v is None or (isinstance(v, float) and not np.isfinite(v)): return ""
+    t = " ".join(str(v).split())
+    try:
+        f = float(t)
+        if np.isfinite(f) and f == int(f): return str(int(f))
+    except (ValueError, OverflowError): pass
+    return "" if t.lower() == "nan" else t
+
+_CODE = re.compile(r"(?:^|[,;])\s*([-+]?\w+(?:\.\d+)?)\s*=\s*")
+_BRACED = re.compile(r"[{(\[]([^{}]*=[^{}]*)[})\]]")
+
+def parse_coding(
+    text, # a cell such as "{0 = luminal-like, 1 = ER/PR pos, HER2 pos, 2 = her2, 3 = trip neg}"
+) -> dict:
+    "A value coding '{code = name, ...}' -> {code: name} (codes as `_cell` writes them; names may hold commas); {} if `text` holds none."
+    t = _cell(text)
+    m = _BRACED.search(t)
+    t = (m.group(1) if m else t).strip()
+    if "=" not in t: return {}
+    parts = _CODE.split(t)
+    if len(parts) < 3 or parts[0].strip(" ,;"): return {}
+    return {_cell(k): v.strip(" ,;") for k, v in zip(parts[1::2], parts[2::2])}
+
+# %% ../nbs/03_readers.ipynb #9a41c3e6
+_BLANK = ("", "na", "n/a", "nan", "none", "unknown")
+
+def read_duke_clinical(
+    path:str|Path, # the collection's Clinical_and_Other_Features.xlsx (or a CSV of it)
+    label:str|None, # the column that gives each patient's class, e.g. "Mol Subtype" or "ER"
+    notes:list|None=None, # collects ('duke', detail) notes
+) -> dict:
+    "{patient id: class name, or None when blank} from column `label` of the clinical table, coded values decoded."
+    notes = [] if notes is None else notes
+    rows = _read_table(path, header=None, dtype=object).values.tolist()
+    hr = next((i for i, r in enumerate(rows[:20]) if any(_cell(c).lower() == "patient id" for c in r)), None)
+    if hr is None:
+        raise ValueError(f"{path}: no header row with a 'Patient ID' cell among its first {min(len(rows), 20)} rows "
+                         f"(is this the collection's Clinical_and_Other_Features.xlsx?)")
+    names = [_cell(c) for c in rows[hr]]
+    idc = next(i for i, n in enumerate(names) if n.lower() == "patient id")
+    have = ", ".join(repr(n) for n in names if n and n.lower() != "patient id")
+    if not label or not str(label).strip():
+        raise ValueError(f"{path}: say which column gives each patient's class with clinical_label (--clinical-label); its columns: {have}")
+    want = _cell(label).lower()
+    cols = [i for i, n in enumerate(names) if n and want in (n.lower(), _cell(_BRACED.sub("", n)).lower())]
+    if not cols: raise ValueError(f"{path}: no column {label!r} (clinical_label) in its header (row {hr + 1}); its columns: {have}")
+    c = cols[0]
+    if len(cols) > 1: notes.append(("duke", f"{path}: {len(cols)} columns are named {label!r}; the first (column {c + 1}) is used"))
+    coding, body = parse_coding(names[c]), rows[hr + 1:]
+    for r in body:                          # the rows between the header and the first patient: descriptions, value codings
+        if _cell(r[idc]): break
+        coding = coding or parse_coding(r[c])
+    out, odd = {}, []
+    for r in body:
+        pid = _cell(r[idc])
+        if not pid or pid in out: continue
+        v = _cell(r[c])
+        out[pid] = coding[v] if v in coding else None if v.lower() in _BLANK else v
+        if coding and v not in coding and v.lower() not in _BLANK: odd.append(f"{pid}: {v!r}")
+    if not out: raise ValueError(f"{path}: no patient rows below the header (row {hr + 1})")
+    if odd: notes.append(("duke", f"{path}: {len(odd)} value(s) of {label!r} are not in its coding {coding}; kept as written "
+                                  f"({', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''})"))
     return out
 
 # %% ../nbs/03_readers.ipynb #7955d329
@@ -639,25 +711,41 @@ def resample_segmentation(
 
 # %% ../nbs/03_readers.ipynb #bbd86718
 def _duke_patients(root:Path) -> list:
+    "The Breast_MRI_NNN folders under `root` (the collection folder), one level down (the manifest folder), or `root` itself."
     cands = [p for p in sorted(root.iterdir()) if p.is_dir() and _DUKE_PATIENT.match(p.name)]
     if not cands:
         cands = [p for d in sorted(root.iterdir()) if d.is_dir() for p in sorted(d.iterdir()) if p.is_dir() and _DUKE_PATIENT.match(p.name)]
     if _DUKE_PATIENT.match(root.name) and not cands: cands = [root]
     return cands
 
+def _duke_manifest(root:Path) -> tuple:
+    "(metadata.csv, {series folder (resolved): Number of Images}) from the NBIA retriever's metadata.csv in `root` or its parent; (None, {}) without one."
+    f = next((d/"metadata.csv" for d in (root, root.parent) if (d/"metadata.csv").is_file()), None)
+    if f is None: return None, {}
+    try:
+        with open(f, newline="", encoding="utf-8-sig") as fh: rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError): return f, {}
+    out = {}
+    for r in rows:
+        loc, n = (r.get("File Location") or "").strip(), (r.get("Number of Images") or "").strip()
+        if loc and n.isdigit(): out[(f.parent/loc.replace("\\", "/")).resolve()] = int(n)
+    return f, out
+
 # %% ../nbs/03_readers.ipynb #92616763
 def index_duke(
-    root:str|Path, # the collection folder (with Breast_MRI_NNN folders), or its parent
+    root:str|Path, # the collection folder (with Breast_MRI_NNN folders), or its parent (the retriever's manifest folder)
     series_pattern:str="pre", # a key of DUKE_SERIES or a regular expression on SeriesDescription
     annotations:str|Path|None=None, # Annotation_Boxes.xlsx (or .csv): tumour boxes -> per-slice lesion labels
     segmentations:str|Path|None=None, # folder of the 3-D breast / FGT segmentations (NRRD) -> masks
     density_table:str|Path|None=None, # radiologists' BI-RADS density ratings -> density class
+    clinical:str|Path|None=None, # Clinical_and_Other_Features.xlsx (or .csv) -> each patient's class, from column `clinical_label`
+    clinical_label:str|None=None, # that column, e.g. "Mol Subtype" or "ER"; coded values are decoded into their names
     annotation_slice_order:str="instance", # annotation slice numbers count in "instance" (InstanceNumber) or "position" order
     lesion_boxes:bool=True, # also paint the annotation box into the mask as `lesion`
     allow_gaps:bool=False, # accept series with missing slices
     notes:list|None=None, # collects ('kind', detail) notes
 ) -> list:
-    "List one item per Duke patient: the matching series, with lesion labels, masks and density when the tables are given."
+    "List one item per Duke patient: the matching series, with lesion labels, masks, density and class when the tables are given."
     root = Path(root); notes = [] if notes is None else notes
     if not root.is_dir(): raise FileNotFoundError(f"{root}: no such folder")
     if annotation_slice_order not in ("instance", "position"):
@@ -666,9 +754,14 @@ def index_duke(
     try: rx = re.compile(pattern)
     except re.error as e: raise ValueError(f"series_pattern {series_pattern!r} is not a valid regular expression ({e})") from None
     patients = _duke_patients(root)
-    if not patients: raise ValueError(f"{root}: no patient folders named Breast_MRI_NNN (the Duke layout: Breast_MRI_NNN/<study>/<series>/*.dcm)")
+    if not patients: raise ValueError(f"{root}: no patient folders named Breast_MRI_NNN (the Duke layout: [manifest-NNN/]Duke-Breast-Cancer-MRI/"
+                                      f"Breast_MRI_NNN/<study>/<series>/*.dcm; give the manifest folder or the collection folder)")
+    if clinical_label and not clinical:
+        raise ValueError(f"clinical_label {clinical_label!r} needs clinical (--clinical): the collection's Clinical_and_Other_Features.xlsx")
     boxes = read_duke_boxes(annotations) if annotations else {}
     dens = read_density_table(density_table) if density_table else {}
+    classes = read_duke_clinical(clinical, clinical_label, notes) if clinical else {}
+    meta_csv, listed = _duke_manifest(root)
     segroot = Path(segmentations) if segmentations else None
     if segroot is not None and not segroot.is_dir(): raise FileNotFoundError(f"segmentations: {segroot} is not a folder")
     items, seen = [], {}
@@ -694,14 +787,23 @@ def index_duke(
         _, folder, fl, desc = found[0]
         segs = []
         if segroot is not None:
-            segs = [p for p in sorted(segroot.rglob(f"*{pid}*")) if p.is_file() and p.name.lower().endswith((".nrrd", ".nhdr"))]
+            segs = [p for p in sorted(segroot.rglob(f"*{pid}*")) if p.is_file() and p.name.lower().endswith((".nrrd", ".nhdr"))
+                    and re.search(rf"{re.escape(pid)}(?!\d)", p.name)]         # Breast_MRI_001, not Breast_MRI_0010
             if not segs: notes.append(("duke", f"{pid}: no segmentation in {segroot}; Otsu foreground mask used"))
-        it = Item(folder.relative_to(root).as_posix(), fl, "dicom", pid, len(fl), density=dens.get(pid, -1))
+        n_listed = listed.get(folder.resolve())
+        if n_listed is not None and n_listed != len(fl):
+            notes.append(("duke", f"{pid}: {folder.relative_to(root).as_posix()} holds {len(fl)} DICOM file(s) where {meta_csv} lists "
+                                  f"{n_listed} (an incomplete download? fetch the series again with the NBIA Data Retriever)"))
+        it = Item(folder.relative_to(root).as_posix(), fl, "dicom", pid, len(fl), density=dens.get(pid, -1), category=classes.get(pid))
         it.post = _duke_post(pid, boxes.get(pid) if annotations else None, bool(annotations), segs, annotation_slice_order, lesion_boxes)
         items.append(it)
     if not items:
         raise ValueError(f"{root}: no patient has a series matching {series_pattern!r}; series seen: "
                          + "; ".join(f"{p}: {', '.join(d)}" for p, d in list(seen.items())[:5]))
+    if clinical:
+        absent = [it.subject for it in items if it.subject not in classes]
+        if absent: notes.append(("duke", f"{clinical}: {len(absent)} patient(s) not in the table, class unknown: "
+                                         f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}"))
     return items
 
 # %% ../nbs/03_readers.ipynb #97664d92
@@ -742,31 +844,56 @@ def _duke_post(pid, boxes, annotated, segs, order, lesion_boxes):
     return post
 
 # %% ../nbs/03_readers.ipynb #f165a5f9
+DUKE_SUBTYPES = {0: "luminal-like", 1: "ER/PR pos, HER2 pos", 2: "her2", 3: "trip neg"}   # the sheet's "Mol Subtype" coding
+_RECEPTORS = {0: (1, 1, 0), 1: (1, 1, 1), 2: (0, 0, 1), 3: (0, 0, 0)}                      # subtype -> (ER, PR, HER2), 1 = pos
+
+def _write_clinical(path:Path, rows:list) -> None:
+    "The clinical-features sheet with the collection's three header rows (group titles merged over their columns, names, codings)."
+    from openpyxl import Workbook
+    groups = (("Patient Information", ("Patient ID", "Days to MRI (From the Date of Diagnosis)")),
+              ("MRI Technical Information", ("Manufacturer", "Field Strength (Tesla)")),
+              ("Tumor Characteristics", ("ER", "PR", "HER2", "Mol Subtype")))
+    pn = "{0 = neg, 1 = pos}"
+    codings = {"Manufacturer": "{0 = GE MEDICAL SYSTEMS, 1 = SIEMENS}", "ER": pn, "PR": pn, "HER2": pn,
+               "Mol Subtype": "{" + ", ".join(f"{k} = {v}" for k, v in DUKE_SUBTYPES.items()) + "}"}
+    wb = Workbook(); ws = wb.active
+    names = [n for _, ns in groups for n in ns]
+    ws.append([t if i == 0 else None for t, ns in groups for i in range(len(ns))])
+    c = 1
+    for _, ns in groups: ws.merge_cells(start_row=1, start_column=c, end_row=1, end_column=c + len(ns) - 1); c += len(ns)
+    ws.append(names)
+    ws.append([codings.get(n) for n in names])
+    for r in rows: ws.append([r.get(n) for n in names])
+    wb.save(path)
+
 def write_duke_example(
-    root:str|Path, # folder to create (the collection folder, holding Breast_MRI_NNN)
+    root:str|Path, # the download folder to create: manifest-<digits>/, the two spreadsheets and Segmentation_Masks_NRRD/
     n_patients:int=3, # patients Breast_MRI_001 ..
     slices:int=10, # slices per series
     size:int=48, # rows = columns
     seed:int=0, # phantom seed
     spacing:float=2.5, # slice spacing, mm
 ) -> dict:
-    "Write a Duke-layout DICOM tree with annotation table and segmentations; returns paths and the true volumes."
-    import pydicom, nrrd
+    "Write the Duke collection as it ships (manifest, DICOM tree, spreadsheets, segmentations); returns the paths, true volumes and classes."
+    import nrrd
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid, MRImageStorage
-    root = Path(root); root.mkdir(parents=True, exist_ok=True)
-    truth, boxes = {}, []
+    root = Path(root); manifest = root/"manifest-1600000000000"; coll = manifest/"Duke-Breast-Cancer-MRI"
+    segroot = root/"Segmentation_Masks_NRRD"
+    coll.mkdir(parents=True, exist_ok=True)
+    truth, boxes, series_rows, clin_rows, classes = {}, [], [], [], {}
     ps = 350.0 / size
+    width = max(2, len(str(slices)))                                             # 1-01.dcm .. 1-99.dcm, 1-001.dcm from 100 files on
     for p in range(n_patients):
         pid = f"Breast_MRI_{p + 1:03d}"
         ph = next(phantom_subjects(1, slices, size, seed, lesion_prob=1.0, first=p))
         truth[pid] = dict(images=ph["images"], masks=ph["masks"])
-        study = root/pid/f"01-01-1990-NA-MRI BREAST BILATERAL W  WO-{97538 + p}"
         study_uid = generate_uid(entropy_srcs=[pid, "study", str(seed)])
-        order = np.random.default_rng([seed, p]).permutation(slices)          # file names deliberately not in slice order
+        study = coll/pid/f"01-01-1990-NA-MRI BREAST BILATERAL W  WO-{study_uid[-5:]}"
+        maker = ("GE MEDICAL SYSTEMS", "SIEMENS")[p % 2]
         for snum, desc, gain in ((2, "ax t1", 0.6), (3, "ax dyn pre", 1.0), (4, "ax dyn 1st pass", 1.3)):
-            sdir = study/f"{snum}.000000-{desc}-{12000 + 7 * p + snum}"; sdir.mkdir(parents=True, exist_ok=True)
             series_uid = generate_uid(entropy_srcs=[pid, desc, str(seed)])
+            sdir = study/f"{snum}.000000-{desc}-{series_uid[-5:]}"; sdir.mkdir(parents=True, exist_ok=True)
             for k in range(slices):                                             # k: position order (z increasing)
                 ds = Dataset()
                 ds.file_meta = FileMetaDataset()
@@ -774,7 +901,8 @@ def write_duke_example(
                 ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
                 ds.SOPClassUID = MRImageStorage
                 ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[pid, desc, str(k), str(seed)])
-                ds.PatientID = ds.PatientName = pid; ds.Modality = "MR"
+                ds.PatientID = ds.PatientName = pid; ds.Modality = "MR"; ds.Manufacturer = maker
+                ds.StudyDate, ds.StudyDescription = "19900101", "MRI BREAST BILATERAL W  WO"
                 ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
                 ds.SeriesDescription, ds.SeriesNumber = desc, snum
                 ds.InstanceNumber = slices - k                                  # acquired from the top down
@@ -786,7 +914,14 @@ def write_duke_example(
                 ds.RescaleSlope, ds.RescaleIntercept = 0.5, -10.0                # stored = (value + 10) / 0.5
                 val = ph["images"][k] * 1000 * gain
                 ds.PixelData = np.round((val + 10.0) / 0.5).astype("<u2").tobytes()
-                ds.save_as(sdir/f"1-{order[k] + 1:02d}.dcm", enforce_file_format=True)
+                ds.save_as(sdir/f"1-{slices - k:0{width}d}.dcm", enforce_file_format=True)   # the retriever numbers files by InstanceNumber
+            nbytes = sum(f.stat().st_size for f in sdir.iterdir())
+            series_rows.append({"Series UID": series_uid, "Collection": "Duke-Breast-Cancer-MRI", "3rd Party Analysis": "NO",
+                                "Data Description URI": "", "Subject ID": pid, "Study UID": study_uid,
+                                "Study Description": "MRI BREAST BILATERAL W  WO", "Study Date": "01-01-1990", "Series Description": desc,
+                                "Manufacturer": maker, "Modality": "MR", "SOP Class Name": "MR Image Storage", "SOP Class UID": str(MRImageStorage),
+                                "Number of Images": slices, "File Size": f"{nbytes / 1e6:.2f} MB",
+                                "File Location": "./" + sdir.relative_to(manifest).as_posix(), "Download Timestamp": "2020-09-13T12:26:40.000"})
         les = ph["masks"] == LABEL_INDEX["lesion"]
         if les.any():
             ks = np.flatnonzero(les.any((1, 2))); rows = np.flatnonzero(les.any((0, 2))); cols = np.flatnonzero(les.any((0, 1)))
@@ -794,8 +929,13 @@ def write_duke_example(
             boxes.append({"Patient ID": pid, "Start Row": int(rows[0]) + 1, "End Row": int(rows[-1]) + 1,
                           "Start Column": int(cols[0]) + 1, "End Column": int(cols[-1]) + 1,
                           "Start Slice": int(inst.min()), "End Slice": int(inst.max())})
+        sub = (0, 1, 3, None)[p % 4]                                             # one patient in four: subtype unknown (HER2 blank)
+        er, pr, her2 = _RECEPTORS[sub] if sub is not None else (1, 1, None)
+        clin_rows.append({"Patient ID": pid, "Days to MRI (From the Date of Diagnosis)": 10 + 7 * p, "Manufacturer": p % 2,
+                          "Field Strength (Tesla)": (1.5, 3)[p % 2], "ER": er, "PR": pr, "HER2": her2, "Mol Subtype": sub})
+        classes[pid] = DUKE_SUBTYPES.get(sub)
         # segmentations: stored with z reversed (origin at the top slice, k pointing down)
-        segdir = root.parent/f"{root.name}-segmentations"/pid; segdir.mkdir(parents=True, exist_ok=True)
+        segdir = segroot/pid; segdir.mkdir(parents=True, exist_ok=True)
         m = ph["masks"]
         breast = np.isin(m, [LABEL_INDEX[n] for n in ("body", "fgt", "vessel", "lesion", "skin")]).astype(np.uint8)
         dense = np.where(m == LABEL_INDEX["fgt"], 1, np.where(m == LABEL_INDEX["vessel"], 2, 0)).astype(np.uint8)
@@ -805,10 +945,14 @@ def write_duke_example(
         nrrd.write(str(segdir/f"Segmentation_{pid}_Dense_and_Vessels.seg.nrrd"), dense[::-1].copy(),
                    {**hdr, "Segment0_Name": "Dense", "Segment0_LabelValue": "1", "Segment1_Name": "Vessels", "Segment1_LabelValue": "2"},
                    index_order="C")
+    with open(manifest/"metadata.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(series_rows[0])); w.writeheader(); w.writerows(series_rows)
     import pandas as pd
-    ann = root.parent/f"{root.name}-Annotation_Boxes.xlsx"
+    ann, clin = root/"Annotation_Boxes.xlsx", root/"Clinical_and_Other_Features.xlsx"
     pd.DataFrame(boxes, columns=["Patient ID", "Start Row", "End Row", "Start Column", "End Column", "Start Slice", "End Slice"]).to_excel(ann, index=False)
-    return dict(root=root, annotations=ann, segmentations=root.parent/f"{root.name}-segmentations", truth=truth, boxes=boxes)
+    _write_clinical(clin, clin_rows)
+    return dict(root=coll, manifest=manifest, metadata=manifest/"metadata.csv", annotations=ann, clinical=clin, segmentations=segroot,
+                truth=truth, boxes=boxes, classes=classes)
 
 # %% ../nbs/03_readers.ipynb #7c0afc32
 def parse_source(source:str) -> tuple:
@@ -827,8 +971,8 @@ def parse_source(source:str) -> tuple:
 LOADER_OPTIONS = {
     "folder": ("axis", "labels_csv", "labels_from_folders", "masks", "mask_labels", "subject_regex", "volume_index",
                "nonfinite", "allow_gaps", "clip_percentiles"),
-    "duke": ("series_pattern", "annotations", "segmentations", "density_table", "annotation_slice_order", "lesion_boxes",
-             "allow_gaps", "nonfinite", "clip_percentiles"),
+    "duke": ("series_pattern", "annotations", "segmentations", "density_table", "clinical", "clinical_label", "annotation_slice_order",
+             "lesion_boxes", "allow_gaps", "nonfinite", "clip_percentiles"),
 }
 
 def summarize_notes(notes:list) -> list:
@@ -864,9 +1008,11 @@ def build_real_cache(kind, path, prof, folder, min_breast_fraction, **options):
         items = index_folder(path, axis=read_kw["axis"], volume_index=read_kw["volume_index"], notes=notes, **o)
     else:
         items = index_duke(path, notes=notes, **o)
+    categories = tuple(sorted({it.category for it in items if it.category is not None}))
+    strata = "category" if categories else "density"
     subj = {}
-    for it in items: subj.setdefault(it.subject, it.density)
-    split = make_split(list(subj), list(subj.values()), prof.data.val_fraction, prof.data.test_fraction, prof.seed)
+    for it in items: subj.setdefault(it.subject, it.category if categories else it.density)
+    split = make_split(list(subj), [str(v) for v in subj.values()], prof.data.val_fraction, prof.data.test_fraction, prof.seed)
     where = {s: k for k in SPLITS for s in split[k]}
     size = prof.data.image_size
     w = CacheWriter(folder, sum(it.n_slices for it in items), (size, size), label_names)
@@ -886,7 +1032,8 @@ def build_real_cache(kind, path, prof, folder, min_breast_fraction, **options):
                     part.update(density=np.full(S, it.density, np.int64),
                                 lesion=np.full(S, it.lesion, np.int64) if les is None else np.asarray(les, np.int64),
                                 subject=np.array([it.subject] * S), slice_index=np.asarray(vol.slice_index, np.int64),
-                                source=np.array(vol.sources))
+                                source=np.array(vol.sources),
+                                category=np.full(S, categories.index(it.category) if it.category is not None else -1, np.int64))
                     keep = _breast_fraction(part["masks"], None, label_names) >= min_breast_fraction
                     dropped += int((~keep).sum())
                     if keep.any(): w.append({kk: v[keep] for kk, v in part.items()})
@@ -901,11 +1048,11 @@ def build_real_cache(kind, path, prof, folder, min_breast_fraction, **options):
         for m in messages: warnings.warn(m, stacklevel=2)
         meta = dict(source=f"{kind}:{path}", items=len(items), subjects=len(subj), dropped_slices=dropped,
                     min_breast_fraction=min_breast_fraction, clip_percentiles=list(clip), options={k: str(v) for k, v in options.items()},
-                    density_classes=list(DENSITY_CLASSES), notes=messages,
+                    density_classes=list(DENSITY_CLASSES), category_names=list(categories), notes=messages,
                     mask_source="given" if (options.get("masks") or options.get("segmentations")) else "otsu foreground (label 'body')",
                     intensity="per-volume percentile clip, scaled to [0, 1], mapped linearly to [-1, 1]")
         w.close(meta, dict(subjects=split, ranges=_split_ranges(counts), counts=counts, seed=prof.seed,
-                           val_fraction=prof.data.val_fraction, test_fraction=prof.data.test_fraction, stratified_by="density"))
+                           val_fraction=prof.data.val_fraction, test_fraction=prof.data.test_fraction, stratified_by=strata))
     except BaseException:
         w.abort(); raise
     return dict(n=sum(counts.values()), counts=counts, dropped=dropped, notes=messages)

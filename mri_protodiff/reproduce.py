@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Sequence
 
 import nbformat
-from .core import RunDir, open_run, hash_file, hash_inputs, atomic_write, _package_dir
-from .pipeline import profile_overrides
-from .viz import PNG_HELP
+from .core import RunDir, open_run, hash_file, hash_inputs, atomic_write, read_json, _package_dir
+from .pipeline import profile_overrides, LABELS_FILE
+from .viz import PNG_HELP, find_browser
 
 # %% auto #0
 __all__ = ['OPTIONAL_NOTEBOOKS', 'NOTEBOOK_PARAMETERS', 'QUARTO_HEADER', 'repo_dir', 'experiments_dir', 'list_notebooks',
            'NotebookError', 'run_notebook', 'notebook_parameters', 'previous_sources', 'reproduce',
-           'figures_without_png', 'print_tables', 'clean_notebook', 'notebook_title', 'quarto_config',
-           'write_quarto_yml', 'SitePage', 'SiteResult', 'library_notebooks', 'build_site']
+           'figures_without_png', 'figures_note', 'classes_note', 'print_tables', 'clean_notebook', 'notebook_title',
+           'quarto_config', 'write_quarto_yml', 'SitePage', 'SiteResult', 'library_notebooks', 'build_site']
 
 # %% ../nbs/16_reproduce.ipynb #35d4340c
 OPTIONAL_NOTEBOOKS = ("07_groundtruth",)  # experiment notebooks `reproduce` runs only when asked (`--groundtruth`)
@@ -140,12 +140,12 @@ def reproduce(
                                  before["diffusion"] if diffusion is None else diffusion, force)
     print(f"reproduce: {len(nbs)} notebooks from {folder} into {run/'notebooks'} (profile {params['profile']})", file=file)
     status, prev = {}, None
-    code = _code_hash()
+    code, png = _code_hash(), find_browser() is not None   # a browser found later reruns the notebooks: they write the PNGs
     bar = tqdm(nbs, desc="reproduce", unit="notebook", file=sys.stderr, leave=True)
     for src in bar:
         bar.set_postfix_str(src.name)
         inputs = dict(notebook=hash_file(src), parameters={k: v for k, v in params.items() if k not in ("run_dir", "force")},
-                      code=code, previous=prev)
+                      code=code, previous=prev, png=png)
         t0 = time.time()
         status[src.name] = run.run_stage(
             f"notebook:{src.stem}", lambda: run_notebook(src, run/"notebooks"/src.name, params, cwd=run.root,
@@ -157,22 +157,50 @@ def reproduce(
                   + (f" in {time.time() - t0:.1f} s" if status[src.name] == "done" else ""), file=file)
     bar.close()
     if left: print(f"not run (add --groundtruth): {', '.join(left)}", file=file)
-    html_only = figures_without_png(run)
-    if html_only:   # the notebooks only warn inside their outputs: say it where the user is looking
-        print(f"figures: {len(html_only)} written as HTML only, without PNG ({', '.join(html_only[:4])}"
-              f"{', ...' if len(html_only) > 4 else ''}): {PNG_HELP}", file=file)
+    note = classes_note(run)
+    if note: print(note, file=file)   # the explainers' classes and why: k-means clusters must not pass for diagnoses unseen
     print_tables(run, file=file)
     if site:
         res = build_site(run)
         print(f"site: {res.index} (built with {res.builder})", file=file)
     else:
         print(f"site: not built; run `mri-protodiff site --out {run.root}`", file=file)
+    note = figures_note(run, png, left)
+    if note: print(note, file=file)   # the notebooks only warn inside their outputs: the last line says it where the user looks
     return status
 
 def figures_without_png(run:RunDir|str|Path) -> list[str]:
     "Names of the run's figures that have an HTML file but no PNG (no browser for kaleido when they were written)."
     folder = Path(run.root if isinstance(run, RunDir) else run)/"figures"
     return sorted(p.stem for p in folder.glob("*.html") if not p.with_suffix(".png").exists()) if folder.is_dir() else []
+
+def figures_note(
+    run:RunDir|str|Path, # the run directory
+    browser:bool|None=None, # whether a browser for kaleido is found now (None: look, with `viz.find_browser`)
+    left:Sequence[str]=(), # notebooks `reproduce` did not run (`OPTIONAL_NOTEBOOKS` without `--groundtruth`)
+) -> str|None:
+    "One line for the terminal: how many figures have no PNG, why and how to get them; None when every figure has its PNG."
+    html_only = figures_without_png(run)
+    if not html_only: return None
+    root = Path(run.root if isinstance(run, RunDir) else run)
+    head = (f"figures: {len(html_only)} written as HTML only, without PNG ({', '.join(html_only[:4])}"
+            f"{', ...' if len(html_only) > 4 else ''})")
+    if browser is None: browser = find_browser() is not None
+    also = f" (not run now: {', '.join(left)}; add --groundtruth)" if left else ""
+    if not browser:
+        return (f"{head}: {PNG_HELP}; then run `mri-protodiff reproduce --out {root}` again: "
+                f"the notebooks rerun once (their stages skip finished work) and write the PNGs{also}")
+    return (f"{head}: drawn when no Chromium-family browser was found; one is found now, and a notebook that draws them "
+            f"writes their PNGs when it runs{also}")
+
+def classes_note(
+    run:RunDir|str|Path, # the run directory
+) -> str|None:
+    "One line for the terminal: the explainers' classes (`pipeline.LABELS_FILE`) and why they are these; None before any are trained."
+    p = Path(run.root if isinstance(run, RunDir) else run)/LABELS_FILE
+    if not p.is_file(): return None
+    c = read_json(p)
+    return f"explainer classes: {c['source']} {c['names']}: {c['reason']}"
 
 def print_tables(run:RunDir, names:Sequence[str]=("image_quality", "faithfulness", "groundtruth"), file=None) -> None:
     "Print run/tables/<name>.md for each name that exists."

@@ -53,25 +53,30 @@ _METHODS = opt("--methods", type=csv_list, default=None, metavar="M,M", help="co
 _SEEDS = opt("--seeds", type=csv_ints, default=None, metavar="S,S", help="comma-separated explainer seeds (default: the profile's `explainer_seeds`)")
 
 _SOURCE = opt("--data", dest="source", default="phantom", metavar="SOURCE",
-              help="'phantom' (default), 'folder:PATH' (PNG/JPEG/TIFF/NIfTI/DICOM) or 'duke:PATH' (Duke Breast Cancer MRI layout)")
+              help="'phantom' (default), 'folder:PATH' (PNG/JPEG/TIFF/NIfTI/DICOM) or 'duke:PATH' (Duke Breast Cancer MRI as the NBIA "
+                   "retriever downloads it: the manifest-NNN folder or its Duke-Breast-Cancer-MRI folder); without loader options, "
+                   "a run keeps those it recorded for the same source")
 
 _FD, _F, _D = "folder and Duke sources", "folder source", "Duke source"
 
 # %% ../nbs/14_stages.ipynb #b3c12743
 STAGES = (
     Stage("data", "run_data", (), ("data/images.npy", "data/masks.npy", "data/density.npy", "data/lesion.npy", "data/subject.npy",
-          "data/slice_index.npy", "data/source.npy", "data/meta.json", "data/split.json"), "data, readers",
+          "data/slice_index.npy", "data/source.npy", "data/category.npy", "data/meta.json", "data/split.json"), "data, readers",
           "build the cached slice set and its subject-level split",
           (_SOURCE,
-           opt("--min-breast-fraction", type=float, default=0.0, help="drop slices whose breast/body share of pixels (mask labels other "
-               "than background, muscle, lung, heart; the Otsu foreground without masks) is below this (default 0: keep all)"),
+           opt("--min-breast-fraction", type=float, default=None, help="drop slices whose breast/body share of pixels (mask labels other "
+               "than background, muscle, lung, heart; the Otsu foreground without masks) is below this (default: what the run "
+               "recorded for the same source, else 0: keep all)"),
            opt("--axis", type=int, choices=(0, 1, 2), group=_FD, help="cut 3-D volumes along this axis (NIfTI: RAS axes, 2 = axial; default 2)"),
            opt("--volume-index", type=int, group=_FD, help="4-D volumes: which 3-D volume to take (default: refuse 4-D)"),
            opt("--nonfinite", choices=("clean", "reject"), group=_FD, help="NaN/Inf voxels: replace them (clean, default) or stop (reject)"),
            opt("--allow-gaps", action="store_true", default=None, group=_FD, help="accept DICOM series with missing slices"),
            opt("--clip-percentiles", type=csv_floats, metavar="LO,HI", group=_FD, help="per-volume intensity window in percentiles (default 0.5,99.5)"),
-           opt("--labels-csv", group=_F, help="CSV with a 'file' column (relative path) and any of 'density', 'lesion', 'subject'"),
-           opt("--labels-from-folders", choices=("density", "lesion"), group=_F, help="read this label from the first folder level"),
+           opt("--labels-csv", group=_F, help="CSV with a 'file' (or 'path') column, the path relative to the folder, and any of "
+               "'label' (your own class, any text: the explainers learn these), 'density', 'lesion', 'subject'"),
+           opt("--labels-from-folders", choices=("label", "density", "lesion"), group=_F,
+               help="read this from the first folder level: 'label' = your own classes (folder names), or density / lesion"),
            opt("--masks", group=_F, help="folder parallel to the data with a label map of the same name per item"),
            opt("--mask-labels", type=csv_list, metavar="NAME,NAME,...", group=_F, help="names of the mask values 0,1,... (default: the phantom's labels)"),
            opt("--subject-regex", group=_F, help="group items into subjects: first group of this regex on the relative path"),
@@ -79,6 +84,9 @@ STAGES = (
            opt("--annotations", group=_D, help="the collection's Annotation_Boxes.xlsx (or .csv): per-slice lesion labels"),
            opt("--segmentations", group=_D, help="folder of the collection's 3-D breast/FGT segmentations (NRRD): masks"),
            opt("--density-table", group=_D, help="radiologists' BI-RADS density ratings (xlsx/csv): density labels"),
+           opt("--clinical", group=_D, help="the collection's Clinical_and_Other_Features.xlsx: with --clinical-label, each patient's class"),
+           opt("--clinical-label", metavar="COLUMN", group=_D, help="the column of --clinical that gives each patient's class (your own "
+               "classes: the explainers learn these), e.g. 'Mol Subtype' or 'ER'; coded values ({0 = neg, 1 = pos}) become their names"),
            opt("--annotation-slice-order", choices=("instance", "position"), group=_D,
                help="annotation slice numbers count in InstanceNumber (default) or position order"),
            opt("--no-lesion-boxes", dest="lesion_boxes", action="store_false", default=None, group=_D,

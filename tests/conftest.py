@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Results must not depend on the machine's network: no test (nor a command it starts) downloads pretrained weights.
+os.environ.setdefault("MRI_PROTODIFF_OFFLINE", "1")
 
 @pytest.fixture
 def tmp_run(tmp_path):
@@ -23,3 +25,17 @@ def tiny_unet(in_channels=2, size=32, channels=(8, 16, 16), layers_per_block=1, 
     return UNet2DModel(**{**dict(sample_size=size, in_channels=in_channels, out_channels=1, layers_per_block=layers_per_block,
                                  block_out_channels=tuple(channels), down_block_types=down, up_block_types=up,
                                  norm_num_groups=4), **kw})
+
+
+def cli_command() -> list:
+    "How a user starts the command line: the installed `mri-protodiff` script (else the module through this Python)."
+    exe = Path(sys.executable).parent/"mri-protodiff"
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from mri_protodiff.cli import main; sys.exit(main())"]
+
+
+def cli_env() -> dict:
+    """The environment of a command started by a test: one torch thread (tiny models; two OpenMP threads per process on a
+    shared 2-core machine were measured 10-40x slower), a fixed hash seed, the CPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env.pop("MRI_PROTODIFF_DEVICE", None)
+    return env

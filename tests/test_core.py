@@ -3,7 +3,7 @@ import json, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import numpy as np, pytest, torch
 from mri_protodiff.core import (seed_everything, get_profile, Profile, RunDir, write_json, read_json,
-                                hash_inputs, open_run)
+                                hash_inputs, open_run, CorruptFile, RunNote)
 
 def test_same_seed_same_draws():
     seed_everything(123); a = np.random.rand(10), torch.randn(10)
@@ -47,7 +47,7 @@ def test_stage_skip_redo_force(tmp_run):
     assert rd.run_stage("s", f, {"a": 2}, ["o.txt"]) == "done"
     assert rd.run_stage("s", f, {"a": 2}, ["o.txt"], force=True) == "done"
     (rd/"o.txt").unlink()  # an output that disappeared makes the stage not done
-    assert rd.run_stage("s", f, {"a": 2}, ["o.txt"]) == "done"
+    with pytest.warns(RunNote, match="stage 's' is redone: o.txt is missing"): assert rd.run_stage("s", f, {"a": 2}, ["o.txt"]) == "done"
     assert len(n) == 4
 
 def test_exception_leaves_stage_not_done_and_rerun_completes(tmp_run):
@@ -106,3 +106,48 @@ def test_open_run_keeps_recorded_profile(tmp_run):
     assert open_run(tmp_run).profile.diffusion.train_steps == 9
     with pytest.raises(ValueError, match="another profile"):
         open_run(tmp_run, "quick")
+
+def test_outputs_are_recorded_and_checked(tmp_run):
+    rd = RunDir(tmp_run, get_profile("smoke")); n = []
+    def f(): n.append(1); (rd/"d").mkdir(exist_ok=True); (rd/"d"/"x.bin").write_bytes(bytes(range(256)) * 64); (rd/"o.txt").write_text("x")
+    assert rd.run_stage("s", f, {}, ["o.txt", "d"]) == "done"
+    assert sorted(rd.stage("s")["files"]) == ["d/x.bin", "o.txt"] and rd.stage("s")["files"]["d/x.bin"][0] == 16384
+    with open(rd/"d"/"x.bin", "r+b") as fh: fh.seek(8000); fh.write(b"\0" * 4096)       # a file under an output folder, same size
+    assert rd.why_not_done("s") == "d/x.bin changed (same size, other bytes)" and not rd.is_done("s")
+    with pytest.warns(RunNote, match="stage 's' is redone: d/x.bin changed"): assert rd.run_stage("s", f, {}, ["o.txt", "d"]) == "done"
+    assert rd.run_stage("s", f, {}, ["o.txt", "d"]) == "skipped" and len(n) == 2
+
+def test_a_manifest_without_records_counts_outputs_present_and_records_them_at_the_next_skip(tmp_run):
+    rd = RunDir(tmp_run, get_profile("smoke"))
+    rd.run_stage("s", lambda: (rd/"o.txt").write_text("x"), {}, ["o.txt"])
+    m = read_json(rd.manifest_path); del m["stages"]["s"]["files"]; write_json(rd.manifest_path, m)   # as written before records
+    (rd/"o.txt").write_text("y")                               # unverifiable: present is enough
+    assert rd.is_done("s") and rd.run_stage("s", lambda: 1 / 0, {}, ["o.txt"]) == "skipped"
+    assert rd.stage("s")["files"] == {"o.txt": [1, __import__("hashlib").sha256(b"y").hexdigest()]}
+    (rd/"o.txt").write_text("z"); assert rd.why_not_done("s") == "o.txt changed (same size, other bytes)"
+
+def test_a_stage_run_by_a_stage_in_a_child_process_is_checked_with_it(tmp_run):
+    "As `reproduce` runs a notebook whose kernel runs stages: a table the inner stage wrote and someone deleted redoes the outer one."
+    rd = RunDir(tmp_run, get_profile("smoke"))
+    code = textwrap.dedent("""
+        import sys
+        from mri_protodiff.core import RunDir
+        rd = RunDir(sys.argv[1])
+        rd.run_stage('faithfulness', lambda: (rd/'table.csv').write_text('a,b'), {}, ['table.csv'])
+        (rd/'table.csv').write_text('a,c')     # the notebook rewrites it after its stage: what it leaves counts
+    """)
+    outer = lambda: subprocess.run([sys.executable, "-c", code, str(tmp_run)], check=True)
+    assert rd.run_stage("notebook:05", outer, {"nb": 1}, []) == "done"
+    assert rd.stage("faithfulness")["parent"] == "notebook:05" and rd.is_done("faithfulness") and rd.is_done("notebook:05", {"nb": 1})
+    (rd/"table.csv").unlink()
+    assert rd.why_not_done("notebook:05") == "table.csv is missing (written by stage 'faithfulness', which it ran)"
+    with pytest.warns(RunNote, match="stage 'notebook:05' is redone: table.csv is missing"):
+        assert rd.run_stage("notebook:05", outer, {"nb": 1}, []) == "done"
+    assert rd.is_done("notebook:05") and "MRI_PROTODIFF_STAGE" not in os.environ
+    rd._update_stage("faithfulness", status="failed")        # an inner stage that failed: the outer one is not done either
+    assert rd.why_not_done("notebook:05") == "its stage 'faithfulness' failed"
+
+@pytest.mark.parametrize("text", ["[1, 2, 3]", '{"stages": []}', '{"stages": {"s": "done"}}', '{"stag', '{"profile": {"bogus": 1}}'])
+def test_a_damaged_manifest_is_an_error_naming_it(tmp_run, text):
+    tmp_run.mkdir(); (tmp_run/"manifest.json").write_text(text)
+    with pytest.raises(CorruptFile, match="manifest.json: .*delete it to start this run afresh"): open_run(tmp_run).profile

@@ -1,5 +1,5 @@
 "The slice set, the cache and split, the real-data loaders (files shipped by PyPI packages), the Duke layout and bad input."
-import json, shutil, subprocess, sys, time, warnings
+import json, re, shutil, subprocess, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import pytest
@@ -317,24 +317,28 @@ def test_cli_reports_errors_and_notes(tmp_path):
 
 @pytest.fixture(scope="module")
 def duke(tmp_path_factory):
-    return write_duke_example(tmp_path_factory.mktemp("duke")/"Duke-Breast-Cancer-MRI", n_patients=4, slices=8, size=32)
+    "The collection as it ships (manifest-*/metadata.csv, Duke-Breast-Cancer-MRI/..., the spreadsheets, Segmentation_Masks_NRRD/)."
+    return write_duke_example(tmp_path_factory.mktemp("duke")/"download", n_patients=4, slices=8, size=32)
+
+def _check_duke_slices(ss, duke):
+    "Every patient's pre-contrast series in position order, lesion labels from the boxes, FGT/vessel masks from the segmentations."
+    assert sorted(set(ss.subject)) == sorted(duke["truth"]) and len(ss) == 8 * len(duke["truth"])
+    for pid, t in duke["truth"].items():
+        sel = np.flatnonzero(ss.subject == pid)
+        assert ss.slice_index[sel].tolist() == list(range(8)) and all("ax dyn pre" in s for s in ss.source[sel])
+        # slices in position order (the files run against it): the preprocessed images equal the phantom's, scaled the same way
+        x = t["images"]; lo, hi = np.percentile(x * 1000, (0.5, 99.5))
+        assert np.abs(ss.images[sel, 0] - (np.clip((x * 1000 - lo) / (hi - lo), 0, 1) * 2 - 1)).max() < 0.01
+        assert ss.lesion[sel].tolist() == (t["masks"] == L["lesion"]).any((1, 2)).astype(int).tolist()
+        outside = ss.masks[sel] != L["lesion"]
+        for lab in ("fgt", "vessel"): assert ((ss.masks[sel] == L[lab]) == (t["masks"] == L[lab]))[outside].all()
 
 def test_duke_pre_contrast_ordered_by_position_with_boxes_and_segmentations(tmp_path, duke):
     rd, msgs = _build(tmp_path, f"duke:{duke['root']}", annotations=str(duke["annotations"]), segmentations=str(duke["segmentations"]))
     ss = load_sliceset(rd)
     assert sorted(set(ss.subject)) == [f"Breast_MRI_{i:03d}" for i in range(1, 5)] and len(ss) == 32
-    for pid, t in duke["truth"].items():
-        sel = np.flatnonzero(ss.subject == pid)
-        assert ss.slice_index[sel].tolist() == list(range(8))
-        assert all("ax dyn pre" in s for s in ss.source[sel])
-        # slices in position order: the preprocessed images equal the phantom's (scaled the same way)
-        x = t["images"]; lo, hi = np.percentile(x * 1000, (0.5, 99.5))
-        want = np.clip((x * 1000 - lo) / (hi - lo), 0, 1) * 2 - 1
-        assert np.abs(ss.images[sel, 0] - want).max() < 0.01
-        assert ss.lesion[sel].tolist() == (t["masks"] == L["lesion"]).any((1, 2)).astype(int).tolist()
-        outside = ss.masks[sel] != L["lesion"]
-        assert ((ss.masks[sel] == L["fgt"]) == (t["masks"] == L["fgt"]))[outside].all()
-        assert ((ss.masks[sel] == L["vessel"]) == (t["masks"] == L["vessel"]))[outside].all()
+    _check_duke_slices(ss, duke)
+    assert (ss.category == -1).all() and ss.category_names == ()      # no clinical sheet: no classes
 
 def test_duke_post_contrast_and_patient_without_series(tmp_path, duke):
     root = tmp_path/"Duke"; shutil.copytree(duke["root"], root)
@@ -368,3 +372,57 @@ def test_duke_cli(tmp_path, duke):
              "--annotations", duke["annotations"], "--segmentations", duke["segmentations"])
     assert r.returncode == 0, r.stderr
     assert (tmp_path/"r"/"data"/"split.json").exists() and len(load_sliceset(tmp_path/"r")) == 32
+
+def test_duke_shipped_layout_cli(tmp_path, duke):
+    man = duke["manifest"]
+    assert man.name.startswith("manifest-") and (man/"metadata.csv").is_file() and duke["root"] == man/"Duke-Breast-Cancer-MRI"
+    pre = sorted((duke["root"]/"Breast_MRI_001").glob("01-01-1990-NA-MRI BREAST BILATERAL W  WO-*/3.000000-ax dyn pre-*"))
+    assert len(pre) == 1 and re.fullmatch(r"3\.000000-ax dyn pre-\d{5}", pre[0].name)
+    assert sorted(p.name for p in pre[0].iterdir()) == [f"1-{i:02d}.dcm" for i in range(1, 9)]
+    r = _cli("data", "--out", tmp_path/"r", "--profile", "smoke", "--data", f"duke:{man}", "--annotations", duke["annotations"],
+             "--segmentations", duke["segmentations"], "--clinical", duke["clinical"], "--clinical-label", "Mol Subtype")
+    assert r.returncode == 0, r.stderr
+    assert "not in the table" not in r.stdout and "incomplete download" not in r.stdout, r.stdout
+    ss = load_sliceset(tmp_path/"r")
+    _check_duke_slices(ss, duke)
+    # the sheet's codes {0 = luminal-like, 1 = ER/PR pos, HER2 pos, 2 = her2, 3 = trip neg} decoded; patient 4's blank cell is unknown
+    assert ss.category_names == ("ER/PR pos, HER2 pos", "luminal-like", "trip neg")
+    want = {"Breast_MRI_001": "luminal-like", "Breast_MRI_002": "ER/PR pos, HER2 pos", "Breast_MRI_003": "trip neg", "Breast_MRI_004": None}
+    assert duke["classes"] == want
+    for pid, name in want.items():
+        assert ss.category[ss.subject == pid].tolist() == [-1 if name is None else ss.category_names.index(name)] * 8
+    assert json.loads((tmp_path/"r"/"data"/"split.json").read_text())["stratified_by"] == "category"
+    # the collection folder itself reads the same
+    rd, _ = _build(tmp_path, f"duke:{duke['root']}", "c", annotations=str(duke["annotations"]), segmentations=str(duke["segmentations"]),
+                   clinical=str(duke["clinical"]), clinical_label="Mol Subtype")
+    sc = load_sliceset(rd)
+    assert np.array_equal(sc.images, ss.images) and np.array_equal(sc.category, ss.category) and sc.category_names == ss.category_names
+
+def test_duke_clinical_errors(tmp_path, duke):
+    r = _cli("data", "--out", tmp_path/"r", "--profile", "smoke", "--data", f"duke:{duke['manifest']}",
+             "--clinical", duke["clinical"], "--clinical-label", "Subtype")
+    assert r.returncode == 2 and "Clinical_and_Other_Features.xlsx" in r.stderr and "no column 'Subtype'" in r.stderr, r.stderr
+    assert "'Mol Subtype'" in r.stderr and "'HER2'" in r.stderr and "'Days to MRI (From the Date of Diagnosis)'" in r.stderr, r.stderr
+    rd = _run(tmp_path, "a")
+    with pytest.raises(ValueError, match=r"Clinical_and_Other_Features\.xlsx: say which column.*'Mol Subtype'"):
+        run_data(rd, f"duke:{duke['manifest']}", clinical=str(duke["clinical"]))
+    _failed_cleanly(rd)
+    with pytest.raises(ValueError, match="needs clinical"): run_data(_run(tmp_path, "b"), f"duke:{duke['manifest']}", clinical_label="ER")
+    with pytest.raises(ValueError, match=r"Annotation_Boxes\.xlsx: no column 'ER'.*'Start Row'"):
+        run_data(_run(tmp_path, "c"), f"duke:{duke['manifest']}", clinical=str(duke["annotations"]), clinical_label="ER")
+    # a code outside the sheet's coding is kept as written, with a note naming the file
+    import openpyxl
+    wb = openpyxl.load_workbook(duke["clinical"]); ws = wb.active
+    col = [c.value for c in ws[2]].index("Mol Subtype") + 1
+    ws.cell(row=4, column=col, value=7); odd = tmp_path/"odd.xlsx"; wb.save(odd)
+    rd, msgs = _build(tmp_path, f"duke:{duke['manifest']}", "d", clinical=str(odd), clinical_label="Mol Subtype")
+    assert load_sliceset(rd).category_names == ("7", "ER/PR pos, HER2 pos", "trip neg")
+    assert any("odd.xlsx" in m and "Breast_MRI_001: '7'" in m for m in msgs), msgs
+
+def test_duke_incomplete_download_noted(tmp_path, duke):
+    man = tmp_path/duke["manifest"].name; shutil.copytree(duke["manifest"], man)
+    pre = next((man/"Duke-Breast-Cancer-MRI"/"Breast_MRI_002").rglob("3.000000-ax dyn pre-*"))
+    (pre/"1-08.dcm").unlink()          # the last file: no gap between the slices left, only metadata.csv can tell
+    rd, msgs = _build(tmp_path, f"duke:{man}")
+    assert (load_sliceset(rd).subject == "Breast_MRI_002").sum() == 7
+    assert any("Breast_MRI_002" in m and "holds 7 DICOM file(s)" in m and "metadata.csv lists 8" in m for m in msgs), msgs

@@ -86,8 +86,104 @@ def test_saved_model_loads_in_diffusers_with_same_outputs(tmp_path, trained, ss)
     for a, b in zip(raw.parameters(), trained.unet.parameters()): assert torch.equal(a, b)
     cond = D.mask_channel(ss.masks[:2], ss.n_labels)
     np.testing.assert_array_equal(D.generate(unet, sched, cond, [1, 2], steps=3), D.generate(trained.ema_unet, D.make_scheduler(tiny()), cond, [1, 2], steps=3))
-    assert DDPMPipeline.from_pretrained(tmp_path/"m").unet.config.in_channels == 2
+    with pytest.raises(ValueError, match="MaskConditionedPipeline"): DDPMPipeline.from_pretrained(tmp_path/"m")
     assert json.loads((tmp_path/"m"/"conditioning.json").read_text())["conditioning"] == "mask"
+
+
+# --- the mask-conditioned model as a diffusers pipeline (issue 17) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mask_folder(tmp_path_factory, trained, ss):
+    "The tiny mask-conditioned model saved by save_diffusion (with its number of labels)."
+    return D.save_diffusion(tmp_path_factory.mktemp("mp")/"m", trained.ema_unet, D.make_scheduler(tiny()), info=dict(n_labels=ss.n_labels))
+
+
+def test_diffusion_pipeline_loads_mask_model_and_samples_like_generate(mask_folder, trained, ss):
+    from diffusers import DiffusionPipeline
+    index = json.loads((mask_folder/"model_index.json").read_text())
+    assert index["_class_name"] == ["MaskConditionedPipeline", "MaskConditionedPipeline"] and index["n_labels"] == ss.n_labels
+    assert (mask_folder/D.MASK_PIPELINE_FILE).exists()
+    pipe = DiffusionPipeline.from_pretrained(mask_folder, trust_remote_code=True)
+    assert type(pipe) is D.MaskConditionedPipeline
+    pipe.set_progress_bar_config(disable=True)
+    masks, seeds = ss.masks[:3], [21, 22, 23]
+    cond = D.mask_channel(masks, ss.n_labels)
+    outs = {}
+    for sampler in ("ddim", "ddpm"):
+        ours = D.generate(trained.ema_unet, D.make_scheduler(tiny()), cond, seeds, steps=3, sampler=sampler)     # the package's sampler
+        outs[sampler] = out = pipe(masks, seeds=seeds, num_inference_steps=3, sampler=sampler, output_type="np").images
+        assert out.shape == (3, 32, 32, 1) and out.dtype == np.float32
+        np.testing.assert_array_equal(out[..., 0], ours[:, 0] * 0.5 + 0.5)       # the same computation, so equal
+    assert np.abs(outs["ddim"] - outs["ddpm"]).max() > 1e-3
+    pt = pipe(torch.as_tensor(masks[:2]), seeds=seeds[:2], num_inference_steps=3, output_type="pt", return_dict=False)[0]
+    assert tuple(pt.shape) == (2, 1, 32, 32)
+    np.testing.assert_array_equal(pt.numpy()[:, 0], outs["ddim"][:2, ..., 0])   # DDIM by default
+    pil = pipe(masks[:1], seeds=seeds[:1], num_inference_steps=3).images
+    assert len(pil) == 1 and pil[0].mode == "L" and pil[0].size == (32, 32)
+    # diffusers' generator: one seed per mask drawn from it, so the same generator gives the same images
+    a, b, c = (pipe(masks[:2], generator=torch.Generator().manual_seed(s), num_inference_steps=2, output_type="np").images for s in (4, 4, 5))
+    np.testing.assert_array_equal(a, b); assert np.abs(a - c).max() > 1e-3
+    gens = [torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)]
+    both = pipe(masks[[0, 0]], generator=gens, num_inference_steps=2, output_type="np").images
+    np.testing.assert_array_equal(both[0], both[1])                                # one generator per mask
+
+
+def test_ddpm_pipeline_refuses_mask_model_naming_the_pipeline(mask_folder):
+    from diffusers import DDPMPipeline
+    with pytest.raises(ValueError, match=r"MaskConditionedPipeline\.py.*\n?.*trust_remote_code") as e:
+        DDPMPipeline.from_pretrained(mask_folder)
+    assert str(mask_folder) in str(e.value)
+    pipe = DDPMPipeline.from_pretrained(mask_folder, trust_remote_code=True)     # allowed to run the shim: the right pipeline
+    assert type(pipe) is D.MaskConditionedPipeline
+    with pytest.raises(ValueError, match="MaskConditionedPipeline makes one image per label map: pass masks"):
+        pipe(batch_size=1, num_inference_steps=2)                                     # called like a DDPMPipeline
+    assert "MaskConditionedPipeline.from_pretrained" in (mask_folder/D.MASK_PIPELINE_FILE).read_text()   # what the error says to inspect
+
+
+def test_mask_pipeline_loads_without_running_folder_code(mask_folder, trained, ss):
+    (mask_folder.parent/"copy").mkdir(exist_ok=True)
+    cp = mask_folder.parent/"copy"/"m"
+    shutil.copytree(mask_folder, cp, dirs_exist_ok=True)
+    (cp/D.MASK_PIPELINE_FILE).write_text("raise SystemExit('the folder code ran')\n")
+    pipe = D.MaskConditionedPipeline.from_pretrained(cp)
+    assert pipe.config.n_labels == ss.n_labels
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), trained.ema_unet.parameters()))
+    assert pipe.scheduler.config.num_train_timesteps == 1000
+
+
+def test_mask_pipeline_bad_inputs(mask_folder, ss):
+    pipe = D.MaskConditionedPipeline.from_pretrained(mask_folder)
+    pipe.set_progress_bar_config(disable=True)
+    m = ss.masks[:2]
+    with pytest.raises(ValueError, match="2 seeds for 1 masks"): pipe(m[:1], seeds=[1, 2], num_inference_steps=2)
+    with pytest.raises(ValueError, match="seeds or generator, not both"): pipe(m, seeds=[1, 2], generator=torch.Generator(), num_inference_steps=2)
+    with pytest.raises(ValueError, match="3 generators for 2 masks"): pipe(m, generator=[torch.Generator()] * 3, num_inference_steps=2)
+    with pytest.raises(ValueError, match="output_type"): pipe(m, seeds=[1, 2], output_type="latent")
+    with pytest.raises(ValueError, match=r"mask values must be in 0\.\.1"): pipe(m, seeds=[1, 2], n_labels=2, num_inference_steps=2)
+    with pytest.raises(ValueError, match="cond is .* but the UNet makes"): pipe(np.zeros((1, 16, 16), np.int64), seeds=[1], num_inference_steps=2)
+    with pytest.raises(ValueError, match="steps must be in 1..1000"): pipe(m, seeds=[1, 2], num_inference_steps=0)
+    unknown = D.MaskConditionedPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
+    with pytest.raises(ValueError, match="pass n_labels"): unknown(m, seeds=[1, 2], num_inference_steps=2)
+    assert unknown(m, seeds=[1, 2], n_labels=ss.n_labels, num_inference_steps=2, output_type="np").images.shape == (2, 32, 32, 1)
+    uncond = D.build_unet(tiny(conditioning="none"))
+    with pytest.raises(ValueError, match="DDPMPipeline"): D.MaskConditionedPipeline(unet=uncond, scheduler=pipe.scheduler)
+
+
+def test_folders_saved_before_the_mask_pipeline_still_load(tmp_path, trained, ss):
+    "A run saved as a DDPMPipeline folder (before issue 17): load_diffusion and MaskConditionedPipeline read it; saving it again fixes it."
+    from diffusers import DDPMPipeline
+    old = tmp_path/"old"
+    DDPMPipeline(unet=trained.ema_unet, scheduler=D.make_scheduler(tiny())).save_pretrained(old, safe_serialization=True)
+    (old/"conditioning.json").write_text(json.dumps(dict(conditioning="mask", in_channels=2, n_labels=ss.n_labels)))
+    u, s = D.load_diffusion(old)
+    assert all(torch.equal(a, b) for a, b in zip(u.parameters(), trained.ema_unet.parameters()))
+    pipe = D.MaskConditionedPipeline.from_pretrained(old)
+    assert pipe.config.n_labels == ss.n_labels                                       # from conditioning.json
+    pipe.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(pipe(ss.masks[:1], seeds=[3], num_inference_steps=2, output_type="np").images[..., 0],
+                                  D.generate(u, s, D.mask_channel(ss.masks[:1], ss.n_labels), [3], steps=2)[:, 0] * 0.5 + 0.5)
+    D.save_diffusion(old, u, s, info=dict(n_labels=ss.n_labels))
+    with pytest.raises(ValueError, match="MaskConditionedPipeline"): DDPMPipeline.from_pretrained(old)
 
 
 def test_unconditional_model_samples_like_diffusers_pipelines(tmp_path):
@@ -95,8 +191,12 @@ def test_unconditional_model_samples_like_diffusers_pipelines(tmp_path):
     from diffusers import DDPMPipeline, DDIMPipeline, DDIMScheduler
     p = tiny(conditioning="none")
     torch.manual_seed(1); u = D.build_unet(p).eval()
-    D.save_diffusion(tmp_path/"m", u, D.make_scheduler(p))
+    D.save_diffusion(tmp_path/"m", D.build_unet(tiny(), 4), D.make_scheduler(p))       # a mask model saved there first ...
+    D.save_diffusion(tmp_path/"m", u, D.make_scheduler(p))                              # ... then replaced
+    assert json.loads((tmp_path/"m"/"model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    assert not (tmp_path/"m"/D.MASK_PIPELINE_FILE).exists()
     pipe = DDPMPipeline.from_pretrained(tmp_path/"m")
+    assert type(pipe) is DDPMPipeline
     theirs = pipe(batch_size=1, generator=torch.Generator().manual_seed(7), num_inference_steps=4, output_type="np").images
     ours = D.generate(u, D.make_scheduler(p), None, [7], steps=4, sampler="ddpm")
     np.testing.assert_allclose(ours[:, 0] * 0.5 + 0.5, theirs[..., 0], atol=1e-5)
@@ -208,11 +308,11 @@ def test_reported_final_loss_is_the_loss_the_bar_showed(tmp_path, data_run, caps
     "One window (diffusion.LOSS_WINDOW) for the progress bar's loss and the stage's final loss: the two numbers agree."
     run = copy_run(data_run, tmp_path/"run")
     P.run_train_diffusion(run, progress=True)
-    shown = re.findall(r"loss=([0-9.]+)", capsys.readouterr().err)
+    shown = re.findall(rf"loss\(last {D.LOSS_WINDOW}\)=([0-9.]+)", capsys.readouterr().err)   # the bar names its window
     assert shown, "the progress bar showed no loss"
     s = run.stage("train-diffusion")["summary"]
     losses = json.loads((run/"diffusion"/"training.json").read_text())["losses"]
-    assert s["final_loss"] == pytest.approx(np.mean(losses[-D.LOSS_WINDOW:]))
+    assert s["final_loss"] == pytest.approx(np.mean(losses[-D.LOSS_WINDOW:])) == pytest.approx(D.final_loss(losses))
     assert shown[-1] == f"{s['final_loss']:.4f}"
 
 
@@ -226,6 +326,10 @@ def test_user_checkpoint_replaces_training(tmp_path, data_run, trained):
     assert all(torch.equal(a, b) for a, b in zip(u.parameters(), trained.ema_unet.parameters()))
     assert run.stage("train-diffusion")["summary"]["conditioning"] == "mask" and not (run/"diffusion"/"checkpoints").exists()
     assert P.run_sample(run, n=2, steps=2, progress=False) == "done"
+    from diffusers import DDPMPipeline
+    with pytest.raises(ValueError, match="MaskConditionedPipeline"): DDPMPipeline.from_pretrained(run/"diffusion")
+    pipe = D.MaskConditionedPipeline.from_pretrained(run)                                # a run directory, as load_diffusion takes
+    assert pipe.config.n_labels == load_sliceset(run, "train").n_labels
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

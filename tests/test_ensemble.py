@@ -57,7 +57,9 @@ def test_each_model_equals_train_diffusion(data, trained, pt, conditioning):
     for m, r in enumerate(ROWS):
         one = alone(p, init, images, cond, r)
         np.testing.assert_allclose(ens.losses[m], one.losses, rtol=0, atol=1e-5)
-        assert max_diff(ens.unet(m).state_dict(), one.ema_unet.state_dict()) < 2e-4
+        # batched vs per-model kernels round differently (measured up to 7.2e-5 here); 5e-4 leaves room on other CPUs, while
+        # the unclipped model below ends more than 1e-3 away, so the check still tells clipping on from off
+        assert max_diff(ens.unet(m).state_dict(), one.ema_unet.state_dict()) < 5e-4
     if pt == "epsilon" and conditioning == "none":   # clipping is on: without it model 0 ends elsewhere
         free = alone(tiny(grad_clip=0.0), init, images, None, ROWS[0])
         assert max_diff(ens.unet(0).state_dict(), free.ema_unet.state_dict()) > 1e-3

@@ -1,6 +1,6 @@
 """The experiment notebooks as papermill users run them: `--help-notebook` describes every parameter, and
 `-p run_dir RUN` alone continues any run with its recorded settings (a mismatch names the notebook parameters)."""
-import json, shutil, subprocess, sys
+import json, re, shutil, subprocess, sys
 from pathlib import Path
 
 import nbformat
@@ -17,6 +17,12 @@ def _papermill(*args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
 
+def _comments(nb:Path) -> dict:
+    "The comment after each `name: type = value  # comment` line of the notebook's parameters cell."
+    cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    return {m[1]: m[2].strip() for m in re.finditer(r"^(\w+)\s*:\s*\w+\s*=.*?#(.*)$", cell.source, re.M)}
+
+
 def test_help_notebook_describes_every_parameter():
     for nb in sorted(EXPERIMENTS.glob("0*.ipynb")):
         r = _papermill("--help-notebook", nb)
@@ -25,6 +31,9 @@ def test_help_notebook_describes_every_parameter():
         for name, typ in PARAMETERS.items():
             line = next((l for l in r.stdout.splitlines() if l.strip().startswith(f"{name}:")), "")
             assert f"{name}: {typ}" in line, f"{nb.name}: {name!r} not described as {typ}:\n{r.stdout}"
+        comments, shown = _comments(nb), " ".join(r.stdout.split())     # click may wrap a long description
+        assert set(PARAMETERS) <= set(comments), f"{nb.name}: parameters without a comment: {set(PARAMETERS) - set(comments)}"
+        for name, text in comments.items(): assert " ".join(text.split()) in shown, f"{nb.name}: {name!r} shown without {text!r}"
         assert "recorded profile" in r.stdout and "JSON object" in r.stdout, r.stdout
 
 
@@ -53,4 +62,6 @@ def test_a_profile_mismatch_names_the_notebook_parameters(smoke_run, tmp_path):
     r = _papermill(EXPERIMENTS/"01_data.ipynb", tmp_path/"01.ipynb", "-p", "run_dir", smoke_run, "-p", "profile", "quick",
                    "--cwd", tmp_path, "-k", "python3")
     assert r.returncode != 0
-    assert "this run was made with another profile" in r.stderr and 'profile=""' in r.stderr and "run_dir" in r.stderr, r.stderr[-3000:]
+    assert "this run was made with another profile" in r.stderr and "-p run_dir NEW_FOLDER" in r.stderr, r.stderr[-3000:]
+    assert '-p profile ""' in r.stderr and "-p force True" in r.stderr                 # papermill's words, not the CLI's
+    assert "--out" not in r.stderr and "--force" not in r.stderr

@@ -1,5 +1,6 @@
 "Tests of mri_protodiff.quality: oracles are scikit-image, lpips and torchmetrics called directly."
 import os
+from urllib.error import URLError
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,12 +22,48 @@ def pair():
 
 
 @pytest.fixture
-def no_weights(tmp_path, monkeypatch):
-    "An empty torch cache and no env override: pretrained weights are absent."
+def downloads(monkeypatch):
+    "No network: torch.hub's downloader (used by torchvision and torch-fidelity alike) fails; the URLs it was asked for."
+    urls = []
+    def offline(url, *a, **k):
+        urls.append(url); raise URLError("no network (simulated)")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.delenv(Q.OFFLINE_ENV, raising=False)       # the suite runs offline (conftest); here the download is attempted
+    return urls
+
+
+@pytest.fixture
+def no_weights(tmp_path, monkeypatch, downloads):
+    "No network, an empty torch cache and no env override: pretrained weights are absent and cannot be fetched."
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.delenv("MRI_PROTODIFF_ALEXNET_WEIGHTS", raising=False)
     monkeypatch.delenv("MRI_PROTODIFF_INCEPTION_WEIGHTS", raising=False)
     return tmp_path
+
+
+def _in_hub_cache(state_dict, file):
+    "Save a state dict where torch.hub keeps downloaded checkpoints, under the name the library looks for."
+    path = Q.hub_checkpoint(file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, path)
+    return path
+
+
+def _random_inception_state_dict(monkeypatch):
+    "torch-fidelity's InceptionV3 feature extractor with random weights (built without loading any), as a state dict."
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    torch.manual_seed(0)
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    return net.state_dict()
+
+
+def test_offline_env_never_downloads(no_weights, downloads, monkeypatch, pair):
+    monkeypatch.setenv(Q.OFFLINE_ENV, "1")
+    r = Q.inception_fid(pair[1], pair[0])
+    assert r.startswith(Q.LPIPS_UNAVAILABLE) and f"{Q.OFFLINE_ENV} is set" in r and downloads == []
 
 
 # ---------------------------------------------------------------- statistics
@@ -79,16 +116,32 @@ def test_bad_input(pair):
 
 
 # ---------------------------------------------------------------- LPIPS
-def test_lpips_unavailable_gives_message(no_weights, pair):
-    m = Q.load_lpips()
+def test_weight_file_names_are_the_libraries():
+    "The file names in the how-to are those torchvision and torch-fidelity download to and look for in the cache."
+    from torchvision.models import AlexNet_Weights
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    assert AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1] == Q.ALEXNET_FILE
+    assert URL_INCEPTION_V3.rsplit("/", 1)[1] == Q.INCEPTION_FILE
+
+
+def test_lpips_unavailable_gives_message(no_weights, downloads, pair):
+    with pytest.warns(UserWarning, match="torchvision could not download") as ws:
+        m = Q.load_lpips()
+    assert len(ws) == 1
+    from torchvision.models import AlexNet_Weights
+    assert downloads == [AlexNet_Weights.IMAGENET1K_V1.url]          # torchvision's own call tried to fetch them
     assert m.model is None and not m.available
     assert m.message.startswith("unavailable: pretrained weights not found") and Q.ALEXNET_FILE in m.message
+    assert str(Q.hub_checkpoint(Q.ALEXNET_FILE)) in m.message and "no network (simulated)" in m.message
+    assert "MRI_PROTODIFF_ALEXNET_WEIGHTS" in m.message and "Traceback" not in m.message
+    assert not Q.hub_checkpoint(Q.ALEXNET_FILE).exists()             # no partial file left in the cache
     gen, real = pair
     df = Q.image_quality_frame(gen, real, np.arange(6), lpips_metric=m, n_bootstrap=50)
     rows = df[df.metric == "LPIPS (AlexNet)"]
     assert len(rows) == 6 and (rows.value == "unavailable: pretrained weights not found").all()
     assert rows["mean"].isna().all() and (rows.n == 0).all()
     assert rows.note.str.contains("MRI_PROTODIFF_ALEXNET_WEIGHTS").all()
+    assert Q.quality_markdown(df).count("torchvision could not download") == 1     # the how-to said once
 
 
 def test_lpips_explicit_missing_path_is_an_error(no_weights):
@@ -122,6 +175,34 @@ def test_lpips_loads_trunk_from_file(no_weights):
     with pytest.raises(ValueError, match="has shape"): Q.load_lpips(alexnet_weights=path)
 
 
+def test_lpips_weights_in_torch_cache_without_network(no_weights, downloads, pair):
+    "AlexNet weights placed in $TORCH_HOME/hub/checkpoints under torchvision's file name: LPIPS runs offline."
+    import torchvision
+    torch.manual_seed(0)
+    alex = torchvision.models.alexnet(weights=None)
+    cached = _in_hub_cache(alex.state_dict(), Q.ALEXNET_FILE)
+    assert cached == no_weights / "torch_home" / "hub" / "checkpoints" / Q.ALEXNET_FILE
+    sd = Q.fetch_alexnet_weights()                                    # torchvision's own call reads the cache
+    assert torch.equal(sd["features.3.weight"], alex.features[3].weight)
+    m = Q.load_lpips()
+    assert m.available and m.message == "" and m.name == "LPIPS (AlexNet)"
+    assert torch.equal(getattr(m.model.net.slice2, "3").weight, alex.features[3].weight)
+    gen, real = pair
+    d = Q.lpips_distances(m, gen, real)
+    assert d.shape == (len(gen),) and np.isfinite(d).all() and (d > 0).all()
+    assert np.allclose(Q.lpips_distances(m, real, real), 0, atol=1e-6)
+    assert downloads == []                                            # nothing was fetched
+    df = Q.image_quality_frame(gen, real, np.arange(6), lpips_metric=m, n_bootstrap=50)
+    row = df.set_index(["metric", "variant", "scaling"]).loc[("LPIPS (AlexNet)", "paired", "paper")]
+    assert np.isfinite(row["mean"]) and row.n == 6 and row.paper_reference == "0.2893 ± 0.1050 (paper)"
+
+
+def test_lpips_broken_cache_file_is_an_error_naming_it(no_weights):
+    cached = _in_hub_cache({"features.0.weight": torch.zeros(1)}, Q.ALEXNET_FILE)
+    with pytest.raises(ValueError, match=f"{cached}: does not load as torchvision's weights"):
+        Q.load_lpips()
+
+
 # ---------------------------------------------------------------- Frechet distances
 def test_frechet_distance():
     rng = np.random.default_rng(2)
@@ -134,10 +215,35 @@ def test_frechet_distance():
     with pytest.raises(ValueError, match="at least 2"): Q.frechet_distance(a[:1], a)
 
 
-def test_inception_fid_unavailable(no_weights, pair):
+def test_inception_fid_unavailable(no_weights, downloads, pair):
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
     gen, real = pair
+    with pytest.warns(UserWarning, match="torch-fidelity could not download"):
+        r = Q.inception_fid(real, gen)
+    assert downloads == [URL_INCEPTION_V3]                            # torch-fidelity's own call tried to fetch them
+    assert isinstance(r, str) and r.startswith("unavailable: pretrained weights not found; torch-fidelity could not download")
+    assert str(Q.hub_checkpoint(Q.INCEPTION_FILE)) in r and "MRI_PROTODIFF_INCEPTION_WEIGHTS" in r
+    df = Q.image_quality_frame(gen, real, np.arange(6), lpips_metric=Q.load_lpips(pnet_rand=True), n_bootstrap=50)
+    fid = df[df.metric == "FID (InceptionV3)"]
+    assert len(fid) == 1 and fid.value.item() == "unavailable: pretrained weights not found" and fid.n.item() == 0
+    assert "torch-fidelity could not download" in fid.note.item() and Q.INCEPTION_FILE in fid.note.item()
+    with pytest.raises(FileNotFoundError, match="inception_weights='"):
+        Q.inception_fid(real, gen, no_weights / "missing.pth")
+
+
+def test_inception_fid_weights_in_torch_cache_without_network(no_weights, downloads, pair, monkeypatch):
+    "InceptionV3 weights (random, torch-fidelity's layout) in $TORCH_HOME/hub/checkpoints: FID runs offline."
+    gen, real = pair[0][:3], pair[1][:3]                              # 3 + 3 images through InceptionV3 on the CPU
+    sd = _random_inception_state_dict(monkeypatch)
+    cached = _in_hub_cache(sd, Q.INCEPTION_FILE)
+    fid = Q.load_fid()                                                # torch-fidelity's own call reads the cache
+    assert not isinstance(fid, str), fid
+    assert torch.equal(fid.inception.Conv2d_1a_3x3.conv.weight, sd["Conv2d_1a_3x3.conv.weight"])
     r = Q.inception_fid(real, gen)
-    assert isinstance(r, str) and r.startswith("unavailable:")
+    assert isinstance(r, float) and np.isfinite(r) and r > 0
+    explicit = Q.load_fid(weights=cached)                             # an explicit file: the same network
+    assert torch.equal(explicit.inception.Mixed_7c.branch_pool.conv.weight, sd["Mixed_7c.branch_pool.conv.weight"])
+    assert downloads == []
 
 
 def test_domain_encoder_deterministic_and_cached(tmp_path):
@@ -190,6 +296,8 @@ def test_image_quality_table_on_a_run(tmp_path, no_weights):
     assert (run / "quality" / "domain_encoder.safetensors").is_file()
     md = (run / "tables" / "image_quality.md").read_text()
     assert "19.37 ± 1.67 (paper)" in md and "unavailable: pretrained weights not found" in md
+    assert md.count("torchvision could not download") == 1 and md.count("torch-fidelity could not download") == 1
+    assert q.loc[("FID (InceptionV3)", "generated vs test", "fixed"), "value"] == "unavailable: pretrained weights not found"
 
 
 def test_image_quality_table_needs_samples(tmp_path):
