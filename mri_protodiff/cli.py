@@ -14,7 +14,7 @@ from .stages import STAGES, PROFILE_NAMES, Option, Stage, opt, csv_ints
 # %% auto #0
 __all__ = ['BENCHES', 'USER_ERRORS', 'add_run_args', 'add_debug_arg', 'parse_overrides', 'option_dest', 'option_kwargs',
            'add_stage_command', 'add_bench_command', 'add_reproduce_command', 'add_site_command', 'error_line',
-           'holding_run', 'build_parser', 'main']
+           'holding_run', 'build_parser', 'ending_with_it', 'main']
 
 # %% ../nbs/17_cli.ipynb #1f998e5b
 def add_run_args(
@@ -298,8 +298,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_command(sub)
     return p
 
-def main(argv:list[str]|None=None) -> int:
-    "Entry point of the `mri-protodiff` console script: any error is one line on stderr and a nonzero exit (2, or 1 if unexpected; 130 on Ctrl-C)."
+@contextlib.contextmanager
+def ending_with_it(
+    own_process:bool=True, # this command is the whole process (the console script): SIGTERM and child processes are its own
+):
+    "SIGTERM ends the command as Ctrl-C does (locks released, the stage marked failed), and every process it started -- a notebook's kernel, the Chromium that kaleido drives, training workers -- ends with it, also those that started sessions of their own."
+    if not own_process: yield; return
+    import psutil, signal, threading
+    me = psutil.Process()
+    def end_children():
+        kids = me.children(recursive=True)        # all at once: a kernel's Chromium must not outlive it as an orphan
+        for k in kids:
+            with contextlib.suppress(psutil.Error): k.terminate()
+        _, alive = psutil.wait_procs(kids, timeout=5)
+        for k in alive:
+            with contextlib.suppress(psutil.Error): k.kill()
+    def on_term(signum, frame):
+        end_children()                            # first: a kernel whose client goes away mid-cell prints a traceback of its own
+        raise KeyboardInterrupt
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, on_term) if main_thread else None
+    try: yield
+    finally:
+        if main_thread: signal.signal(signal.SIGTERM, old)
+        end_children()
+
+def main(
+    argv:list[str]|None=None, # the arguments (default: the command line)
+    own_process:bool|None=None, # whether this call is the whole process (default: when `argv` is None, as the console script calls it)
+) -> int:
+    "Entry point of the `mri-protodiff` console script: any error is one line on stderr and a nonzero exit (2, or 1 if unexpected; 130 on Ctrl-C or SIGTERM)."
+    own = argv is None if own_process is None else own_process
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     p = build_parser()
     args = p.parse_args(argv)
@@ -307,7 +336,7 @@ def main(argv:list[str]|None=None) -> int:
         p.print_help(); return 0
     cmd = args.command
     try:
-        with _notes(cmd), holding_run(args, argv):
+        with ending_with_it(own), _notes(cmd), holding_run(args, argv):
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if _debug(args): traceback.print_exc()

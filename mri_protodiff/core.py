@@ -495,12 +495,15 @@ class RunDir:
         self.manifest_path = self.root/"manifest.json"
         m = self.manifest
         before = copy.deepcopy(m)
+        self._pending = None     # a replacing profile (`overwrite_profile`), recorded only when a stage of this command succeeds
         if profile is not None:
-            if "profile" in m and m["profile"] != profile.to_dict() and not overwrite_profile:
-                old = _recorded_profile(m, self.manifest_path).flat()
-                changed = sorted(k for k, v in profile.flat().items() if old.get(k) != v)
-                raise ProfileMismatch(self.manifest_path, changed)
-            m["profile"] = profile.to_dict()
+            if "profile" in m and m["profile"] != profile.to_dict():
+                if not overwrite_profile:
+                    old = _recorded_profile(m, self.manifest_path).flat()
+                    changed = sorted(k for k, v in profile.flat().items() if old.get(k) != v)
+                    raise ProfileMismatch(self.manifest_path, changed)
+                self._pending = profile.to_dict()
+            else: m["profile"] = profile.to_dict()
         m.setdefault("created", _now())
         m["environment"], m["git"] = environment_info(), git_info(_package_dir())
         m.setdefault("stages", {})
@@ -516,12 +519,18 @@ class RunDir:
 
     @property
     def profile(self) -> Profile:
-        "The profile recorded in the manifest."
+        "The profile recorded in the manifest (or the one replacing it, once a stage of this command succeeds)."
+        if self._pending is not None: return Profile.from_dict(self._pending)
         m = self.manifest
         if "profile" not in m: raise KeyError(f"{self.manifest_path}: no profile recorded yet")
         return _recorded_profile(m, self.manifest_path)
 
     def _save(self, m:dict): write_json(self.manifest_path, m)
+
+    def _commit_profile(self, m:dict) -> dict:
+        "Record the replacing profile in `m`: a stage done with it has succeeded."
+        if self._pending is not None: m["profile"], self._pending = self._pending, None
+        return m
 
     def _update_stage(self, name:str, **kw):
         m = self.manifest
@@ -581,8 +590,10 @@ class RunDir:
                 s, new = stages[name], {}
                 if s.get("files") is None: new["files"] = file_record(self.root, s.get("outputs", []))   # an older manifest: record now
                 if parent and (s.get("parent"), s.get("parent_id")) != parent: new.update(parent=parent[0], parent_id=parent[1])
-                if new:
-                    try: self._update_stage(name, **new)
+                if new or self._pending is not None:
+                    try:
+                        m = self._commit_profile(self.manifest)       # done with the same inputs under the new profile
+                        m["stages"][name].update(new); self._save(m)
                     except OSError: pass   # a run this process may not write: the stage is done, its record can wait
                 return "skipped"
             if kind == "changed": warnings.warn(f"stage {name!r} is redone: {why}", RunNote, stacklevel=2)
@@ -612,7 +623,7 @@ class RunDir:
         for v in children.values(): v["files"] = file_record(self.root, v.get("outputs", []))   # what it left is what counts
         m["stages"][name].update(status="done", ended=_now(), seconds=round(time.time() - t0, 3), files=file_record(self.root, outputs),
                                  children={k: v.get("run_id") for k, v in children.items()}, summary=summary if _jsonable(summary) else None)
-        self._save(m)
+        self._save(self._commit_profile(m))
         return "done"
 
 # %% ../nbs/00_core.ipynb #3cceef8c

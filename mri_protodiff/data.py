@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .core import RunDir, Profile, get_profile, write_json, read_json, hash_inputs, open_run
+from .core import RunDir, Profile, get_profile, write_json, read_json, reading, hash_inputs, open_run
 from .phantom import LABELS, DENSITY_CLASSES, LABEL_INDEX, phantom_subjects, array_hash
 
 # %% auto #0
@@ -202,6 +202,13 @@ class CacheWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 # %% ../nbs/02_data.ipynb #3a53309e
+def _load_npy(
+    path:Path, # one array of a cache folder
+    mmap_mode:str|None=None, # "r": memory-map it
+) -> np.ndarray:
+    "One cached array, never unpickled; a truncated or overwritten file is a `CorruptFile` error naming it."
+    with reading(path): return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+
 def read_cache(
     folder:str|Path, # a cache folder written by `CacheWriter`
     mmap:bool=True, # memory-map images and masks (else read them into memory)
@@ -212,8 +219,8 @@ def read_cache(
     if not meta_path.exists(): raise FileNotFoundError(f"{folder}: no cached slice set here (meta.json missing); run `mri-protodiff data` first")
     meta = read_json(meta_path)
     mode = "r" if mmap else None
-    arrays = {k: np.load(folder/f"{k}.npy", mmap_mode=mode, allow_pickle=False) for k in ("images", "masks")}
-    arrays.update({k: np.load(folder/f"{k}.npy", allow_pickle=False) for k in _SMALL if k != "category" or (folder/f"{k}.npy").exists()})
+    arrays = {k: _load_npy(folder/f"{k}.npy", mode) for k in ("images", "masks")}
+    arrays.update({k: _load_npy(folder/f"{k}.npy") for k in _SMALL if k != "category" or (folder/f"{k}.npy").exists()})
     return SliceSet(**arrays, label_names=tuple(meta["label_names"]), category_names=tuple(meta.get("category_names", ())))
 
 # %% ../nbs/02_data.ipynb #63426556

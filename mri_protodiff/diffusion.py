@@ -23,22 +23,22 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from .core import (Profile, DiffusionSection, RunDir, get_profile, get_device, write_json, read_json, hash_inputs, hash_file,
-                                atomic_write, open_run)
+                                atomic_write, open_run, reading, STAGE_ADVICE)
 from .data import SliceSet, load_sliceset, phantom_sliceset
 
 # %% auto #0
 __all__ = ['CONDITIONINGS', 'MIN_SNR_GAMMA', 'ADAM_BETAS', 'ADAM_WEIGHT_DECAY', 'KEEP_CHECKPOINTS', 'GPU_FAST_MIN_PARAMS',
-           'GPU_TRAIN_CHANNELS_LAST', 'GPU_SAMPLE_CHANNELS_LAST', 'GPU_SAMPLE_BF16', 'RESIDENT_BYTES',
-           'LOSS_SYNC_EVERY', 'LOSS_WINDOW', 'MASK_PIPELINE_FILE', 'WEIGHTS_NAME', 'SAMPLERS', 'ENSEMBLE_SIZE',
-           'EVAL_MODEL_IMAGES', 'ENSEMBLE_BENCH_SIZES', 'unet_config', 'build_unet', 'make_scheduler', 'mask_channel',
-           'model_conditioning', 'check_compatible', 'min_snr_weights', 'TrainingDiverged', 'batch_indices',
-           'make_accelerator', 'save_checkpoint', 'list_checkpoints', 'load_checkpoint', 'TrainResult', 'MaskChannel',
-           'final_loss', 'train_diffusion', 'MaskConditionedPipeline', 'save_diffusion', 'load_diffusion',
-           'initial_noise', 'sampling_scheduler', 'model_input', 'predict_noise', 'to_epsilon', 'denoise_loop',
-           'generate', 'sample_seeds', 'choose_test_slices', 'TestConditioning', 'test_conditioning', 'image_grid',
-           'benchmark_diffusion', 'format_benchmark', 'ensemble_template', 'ensemble_forward', 'Ensemble',
-           'train_ensemble', 'training_target', 'ensemble_generate', 'ensemble_losses', 'benchmark_ensemble',
-           'format_ensemble_benchmark']
+           'GPU_TRAIN_CHANNELS_LAST', 'GPU_SAMPLE_CHANNELS_LAST', 'GPU_SAMPLE_BF16', 'CHECKPOINT_ADVICE',
+           'RESIDENT_BYTES', 'LOSS_SYNC_EVERY', 'LOSS_WINDOW', 'MASK_PIPELINE_FILE', 'WEIGHTS_NAME',
+           'CHECKPOINT_GIVEN_ADVICE', 'SAMPLERS', 'ENSEMBLE_SIZE', 'EVAL_MODEL_IMAGES', 'ENSEMBLE_BENCH_SIZES',
+           'unet_config', 'build_unet', 'make_scheduler', 'mask_channel', 'model_conditioning', 'check_compatible',
+           'min_snr_weights', 'TrainingDiverged', 'batch_indices', 'make_accelerator', 'save_checkpoint',
+           'list_checkpoints', 'load_checkpoint', 'TrainResult', 'MaskChannel', 'final_loss', 'train_diffusion',
+           'MaskConditionedPipeline', 'save_diffusion', 'load_diffusion', 'initial_noise', 'sampling_scheduler',
+           'model_input', 'predict_noise', 'to_epsilon', 'denoise_loop', 'generate', 'sample_seeds',
+           'choose_test_slices', 'TestConditioning', 'test_conditioning', 'image_grid', 'benchmark_diffusion',
+           'format_benchmark', 'ensemble_template', 'ensemble_forward', 'Ensemble', 'train_ensemble', 'training_target',
+           'ensemble_generate', 'ensemble_losses', 'benchmark_ensemble', 'format_ensemble_benchmark']
 
 # %% ../nbs/04_diffusion.ipynb #24a94b4d
 CONDITIONINGS = ("mask", "none")
@@ -264,6 +264,15 @@ def list_checkpoints(folder:Path) -> list:
     return sorted(cks, key=lambda p: int(p.name.split("-")[1]))
 
 # %% ../nbs/04_diffusion.ipynb #8d4d4525
+CHECKPOINT_ADVICE = "delete its checkpoint folder, or rerun with --force"   # a damaged training checkpoint
+
+def _load_st(
+    path:Path, # a .safetensors file
+    advice:str=STAGE_ADVICE, # what to do if it is damaged
+) -> dict:
+    "The tensors of a safetensors file; a truncated or overwritten one is a `CorruptFile` error naming it."
+    with reading(path, advice): return load_file(str(path))
+
 def load_checkpoint(
     path:Path, # a checkpoint folder
     unet:torch.nn.Module, ema, optimizer, lr_scheduler, # restored in place
@@ -274,11 +283,11 @@ def load_checkpoint(
     need = ["state.json", "unet.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors"]
     missing = [f for f in need if not (path/f).exists()]
     if missing: raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing}")
-    state = read_json(path/"state.json")
-    unet.load_state_dict(load_file(str(path/"unet.safetensors")))
-    emaw = load_file(str(path/"ema.safetensors"))
+    state = read_json(path/"state.json", CHECKPOINT_ADVICE)
+    unet.load_state_dict(_load_st(path/"unet.safetensors", CHECKPOINT_ADVICE))
+    emaw = _load_st(path/"ema.safetensors", CHECKPOINT_ADVICE)
     ema.load_state_dict({**state["ema"], "shadow_params": [torch.empty_like(p).copy_(emaw[n]) for n, p in zip(state["param_names"], unet.parameters())]})
-    ot = load_file(str(path/"optimizer.safetensors"))
+    ot = _load_st(path/"optimizer.safetensors", CHECKPOINT_ADVICE)
     st = {}
     for k, v in ot.items():
         i, name = k.split(".", 1); st.setdefault(int(i), {})[name] = v
@@ -291,7 +300,7 @@ def load_checkpoint(
             if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
                 optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    rng = load_file(str(path/"rng.safetensors"))
+    rng = _load_st(path/"rng.safetensors", CHECKPOINT_ADVICE)
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cs = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
@@ -616,11 +625,17 @@ def _model_path(path) -> Path:
         raise FileNotFoundError(f"{p}: a run directory without a trained model (no diffusion/); run `mri-protodiff train-diffusion --out {p}`")
     return p
 
-def _load_unet_folder(folder:Path) -> UNet2DModel:
-    cfg = read_json(folder/"config.json")
+CHECKPOINT_GIVEN_ADVICE = "check the checkpoint given (--checkpoint): a diffusers UNet2DModel saved as safetensors"
+
+def _model_advice(p:Path) -> str:
+    "What to do about a damaged model file: a run's own (a manifest.json in it or above it) is rewritten by its stage; a user's checkpoint is theirs to check."
+    return STAGE_ADVICE if any((q/"manifest.json").is_file() for q in (p.resolve(), *p.resolve().parents)) else CHECKPOINT_GIVEN_ADVICE
+
+def _load_unet_folder(folder:Path, advice:str=STAGE_ADVICE) -> UNet2DModel:
+    cfg = read_json(folder/"config.json", advice)
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(f"{folder/'config.json'}: a {cfg.get('_class_name')} config, expected a UNet2DModel")
-    return UNet2DModel.from_pretrained(folder, use_safetensors=True)
+    with reading(folder/WEIGHTS_NAME, advice): return UNet2DModel.from_pretrained(folder, use_safetensors=True)
 
 # %% ../nbs/04_diffusion.ipynb #372803ff
 def load_diffusion(
@@ -629,32 +644,32 @@ def load_diffusion(
 ) -> tuple:
     "Load `(unet, scheduler)` from a run or a diffusers checkpoint; a missing scheduler becomes the paper's DDPM schedule."
     p = _model_path(path)
-    sched_dir = None
+    sched_dir, advice = None, _model_advice(p)
     if p.is_file():
         if p.suffix != ".safetensors": raise ValueError(f"{p}: expected a .safetensors weights file (pickled .bin/.pt files are not read)")
         cfgp = p.parent/"config.json"
         if not cfgp.exists(): raise FileNotFoundError(f"{p}: a bare weights file needs its UNet2DModel config.json beside it ({cfgp} is missing)")
-        cfg = read_json(cfgp)
+        cfg = read_json(cfgp, advice)
         try: unet = UNet2DModel.from_config(cfg)
         except Exception as e: raise ValueError(f"{cfgp}: not a valid UNet2DModel config ({e})") from None
-        sd = load_file(str(p))
+        sd = _load_st(p, advice)
         mk, uk = unet.load_state_dict(sd, strict=False)
         if mk or uk: raise ValueError(f"{p}: weights do not match {cfgp} (missing {list(mk)[:3]}..., unexpected {list(uk)[:3]}...)")
     elif (p/"unet").is_dir() or (p/"model_index.json").exists():
         probs = [f"unet/{x}" for x in _unet_folder_problems(p/"unet")] if (p/"unet").is_dir() else ["unet/"]
         if probs: raise FileNotFoundError(f"{p}: incomplete diffusers checkpoint, missing {probs}")
-        unet = _load_unet_folder(p/"unet")
+        unet = _load_unet_folder(p/"unet", advice)
         sched_dir = p/"scheduler"
     elif (p/"config.json").exists() or any(p.glob("*.safetensors")) or any(p.glob("*.bin")):
         probs = _unet_folder_problems(p)
         if probs: raise FileNotFoundError(f"{p}: incomplete UNet checkpoint, missing {probs}")
-        unet = _load_unet_folder(p)
+        unet = _load_unet_folder(p, advice)
         if (p.parent/"scheduler").is_dir(): sched_dir = p.parent/"scheduler"
     else:
         raise FileNotFoundError(f"{p}: not a diffusers checkpoint (expected unet/ + scheduler/, or config.json + {WEIGHTS_NAME})")
     if sched_dir is not None and sched_dir.is_dir():
         if not (sched_dir/"scheduler_config.json").exists(): raise FileNotFoundError(f"{sched_dir}: missing scheduler_config.json")
-        scheduler = DDPMScheduler.from_config(read_json(sched_dir/"scheduler_config.json"))
+        scheduler = DDPMScheduler.from_config(read_json(sched_dir/"scheduler_config.json", advice))
     else:
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
     unet.eval()
@@ -1068,7 +1083,8 @@ def _write_st(path:Path, tensors:dict, state:dict):
     os.replace(tmp, path)
 
 def _read_st(path:Path) -> tuple:
-    with safe_open(str(path), "pt") as f: return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["state"])
+    with reading(path), safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["state"])
 
 # %% ../nbs/04_diffusion.ipynb #f7a9b12d
 def _train_chunk(template, init_state:dict, X, C, rows:list, scheduler, profile:Profile, gamma, dev, folder:Path|None, tag:str,

@@ -557,7 +557,7 @@ def _mde(a:pd.Series, b:pd.Series, paired:bool) -> float:
 def _value(r) -> str:
     "The table's value cell: 'n too small' below MIN_UNITS units; the SD over seeds only from MIN_SEEDS seeds."
     if r.n < MIN_UNITS: return TOO_SMALL
-    if r.n_seeds < MIN_SEEDS: return f"{format_mean_sd(r.mean, np.nan)} (SD over seeds: {TOO_SMALL})"
+    if r.n_seeds < MIN_SEEDS: return f"{format_mean_sd(r.mean, np.nan, scale=r.sd_units)} (SD over seeds: {TOO_SMALL})"
     return format_mean_sd(r.mean, r.sd_seeds)
 
 # %% ../nbs/11_faithfulness.ipynb #536fbd25

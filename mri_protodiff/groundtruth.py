@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from safetensors.torch import save_file, load_file
 
 from .core import (Profile, RunDir, get_profile, get_device, write_json, read_json, hash_inputs, hash_file,
-                                atomic_write, open_run)
+                                atomic_write, open_run, reading)
 from .data import SliceSet, load_sliceset, phantom_sliceset
 from .diffusion import (build_unet, make_scheduler, train_diffusion, generate, save_diffusion, load_diffusion, mask_channel,
                                      final_loss, train_ensemble, ensemble_generate, ensemble_losses, training_target)
@@ -230,7 +230,7 @@ def _save_npz(path:Path, **arrays) -> Path:
 def _load_npz(path:Path) -> dict:
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: missing")
-    with np.load(path, allow_pickle=False) as z: return {k: z[k] for k in z.files}
+    with reading(path), np.load(path, allow_pickle=False) as z: return {k: z[k] for k in z.files}
 
 def save_gt_data(path:str|Path, d:GTData) -> Path:
     "Write `d` to one .npz (no pickles)."
@@ -771,7 +771,8 @@ def _stage_init(ctx:_Ctx, data:GTData, force:bool) -> str:
         return dict(parameters=sum(p.numel() for p in unet.parameters()))
     return ctx.run.run_stage(f"{ctx.rel}/init", work, dict(base=ctx.base_hash), [f"{ctx.rel}/init.safetensors"], force=force)
 
-def _init_state(ctx:_Ctx) -> dict: return load_file(str(ctx.folder/"init.safetensors"))
+def _init_state(ctx:_Ctx) -> dict:
+    with reading(ctx.folder/"init.safetensors"): return load_file(str(ctx.folder/"init.safetensors"))
 
 WHOLE_MODELS = dict(reference="groundtruth reference", probe="groundtruth memorisation probe")   # models trained on every row
 

@@ -15,7 +15,7 @@ import torch
 from scipy.spatial.distance import cdist
 from scipy.special import softmax
 
-from .core import RunDir, atomic_write, read_json
+from .core import RunDir, atomic_write, read_json, reading
 from .stats import summarize, format_mean_sd, markdown_table, write_table
 from .trajectory import unet_features
 from .prototrain import load_explainer
@@ -383,7 +383,7 @@ def read_full_nis(
     "(generated_id (N,), {(method, seed): full-support NIS (N, n_train)}) from 'explanations/full_nis.npz'."
     f = Path(run.root if isinstance(run, RunDir) else run)/"explanations"/"full_nis.npz"
     if not f.is_file(): raise FileNotFoundError(f"{f}: no full-support NIS written yet; run the `explanations` stage")
-    with np.load(f, allow_pickle=False) as z:
+    with reading(f), np.load(f, allow_pickle=False) as z:
         arrs = {(k.rsplit("_seed", 1)[0], int(k.rsplit("_seed", 1)[1])): z[k] for k in z.files if k != "generated_id"}
         return z["generated_id"], arrs
 
@@ -395,7 +395,7 @@ def read_explanations(
     root = Path(run.root if isinstance(run, RunDir) else run)
     f = root/"explanations"/("explanations.csv" if which == "explanations" else "class_explanations.csv")
     if not f.is_file(): raise FileNotFoundError(f"{f}: no explanations written yet")
-    return pd.read_csv(f)
+    with reading(f): return pd.read_csv(f)
 
 # %% ../nbs/10_influence.ipynb #cc0e5cb5
 def nis_summary(
@@ -475,7 +475,7 @@ def load_samples(run:RunDir|str|Path) -> dict:
     "The arrays of run/'samples'/'samples.npz' (images, masks, seeds, real_index)."
     f = Path(run.root if isinstance(run, RunDir) else run)/"samples"/"samples.npz"
     if not f.is_file(): raise FileNotFoundError(f"{f}: no generated samples; run the `sample` stage first")
-    with np.load(f, allow_pickle=False) as z: return {k: z[k] for k in z.files}
+    with reading(f), np.load(f, allow_pickle=False) as z: return {k: z[k] for k in z.files}
 
 def explain_samples(
     run:RunDir, # a run with samples and trained explainers
@@ -504,7 +504,7 @@ def load_trajectory_arrays(run:RunDir|str|Path) -> dict:
     "The arrays of run/'trajectory'/'trajectories.npz' (x0_hat (n, T, 1, H, W), timesteps, seeds, real_index, ...)."
     f = Path(run.root if isinstance(run, RunDir) else run)/"trajectory"/"trajectories.npz"
     if not f.is_file(): raise FileNotFoundError(f"{f}: no trajectories; run the `trajectory` stage first")
-    with np.load(f, allow_pickle=False) as z: return {k: z[k] for k in z.files}
+    with reading(f), np.load(f, allow_pickle=False) as z: return {k: z[k] for k in z.files}
 
 def trajectory_ids(traj:dict, samples:dict|None) -> np.ndarray:
     "The samples.npz index of each trajectory (same seed and conditioning slice), else the trajectory's own index."

@@ -55,12 +55,19 @@ def require(
     run:RunDir, # the run directory
     name:str, # the stage about to run
 ) -> None:
-    "Raise `FileNotFoundError` naming the first stage that `name` needs and that is neither done nor written, with the command that makes it."
+    "Raise `FileNotFoundError` naming the first stage that `name` needs and that is not done (or whose outputs changed), with the command that makes it."
+    stages = run.manifest.get("stages", {})
     for need in get_stage(name).needs:
         st = get_stage(need)
-        if need == "train-explainers":
-            if any((run/"protonets").glob("*/seed*/push.json")): continue
-        elif run.is_done(need) or _written(run, st): continue
+        recorded = [need] if need in stages else sorted(k for k in stages if k.startswith(need + "/"))
+        if recorded:       # the stage ran here: it must be done (per model: those done), and its files must be what it wrote
+            done = [k for k in recorded if stages[k].get("status") == "done"] if recorded != [need] else recorded
+            why = next((w for w in (run.why_not_done(k) for k in done) if w), None) if done else f"no {need} record is done"
+            if why is None: continue
+            raise FileNotFoundError(f"{run.root}: stage {name!r} needs stage {need!r}, which is not done ({why}); "
+                                    f"run `mri-protodiff {need} --out {run.root}` first")
+        if need == "train-explainers" and any((run/"protonets").glob("*/seed*/push.json")): continue   # files without records:
+        if need != "train-explainers" and _written(run, st): continue                                  # made elsewhere, trusted
         raise FileNotFoundError(f"{run.root}: stage {name!r} needs stage {need!r}, which is not done; "
                                 f"run `mri-protodiff {need} --out {run.root}` first")
 

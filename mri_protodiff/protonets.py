@@ -14,14 +14,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .core import reading
+
 # %% auto #0
-__all__ = ['TORCHVISION_ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'METHODS', 'CompactCNN', 'torchvision_weights_file',
-           'load_state_file', 'adapt_first_conv', 'TorchvisionBackbone', 'torchvision_backbone', 'UNetEncoder',
-           'build_backbone', 'ReceptiveField', 'receptive_field', 'exact_fp32', 'l2_distances', 'log_activation',
-           'ProtoOutput', 'class_identity', 'init_last_layer', 'PPNet', 'EPPNet', 'cluster_cost', 'separation_cost',
-           'mean_cluster_cost', 'l1_wrong_class', 'ppnet_loss_terms', 'combine_losses', 'ProtoPool', 'topk_dist_cost',
-           'orthogonality_loss', 'protopool_loss_terms', 'loss_terms', 'ExplainerConfig', 'build_explainer',
-           'activation_maps']
+__all__ = ['TORCHVISION_ARCHS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'WEIGHTS_ADVICE', 'METHODS', 'CompactCNN',
+           'torchvision_weights_file', 'load_state_file', 'adapt_first_conv', 'TorchvisionBackbone',
+           'torchvision_backbone', 'UNetEncoder', 'build_backbone', 'ReceptiveField', 'receptive_field', 'exact_fp32',
+           'l2_distances', 'log_activation', 'ProtoOutput', 'class_identity', 'init_last_layer', 'PPNet', 'EPPNet',
+           'cluster_cost', 'separation_cost', 'mean_cluster_cost', 'l1_wrong_class', 'ppnet_loss_terms',
+           'combine_losses', 'ProtoPool', 'topk_dist_cost', 'orthogonality_loss', 'protopool_loss_terms', 'loss_terms',
+           'ExplainerConfig', 'build_explainer', 'activation_maps']
 
 # %% ../nbs/06_protonets.ipynb #2f18597b
 class CompactCNN(nn.Module):
@@ -57,14 +59,16 @@ def _densenet_keys(sd:dict) -> dict:
     pat = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
     return {(m.group(1) + m.group(2) if (m := pat.match(k)) else k): v for k, v in sd.items()}
 
+WEIGHTS_ADVICE = "replace it with an intact copy of the weights file"   # pretrained weights are the user's, no stage writes them
+
 def load_state_file(path:str|Path) -> dict:
-    "A state dict from a `.safetensors` file or a `.pth`/`.pt` file read with `weights_only=True`."
+    "A state dict from a `.safetensors` file or a `.pth`/`.pt` file read with `weights_only=True`; a damaged file is an error naming it."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+        with reading(path, WEIGHTS_ADVICE): return load_file(str(path))
+    with reading(path, WEIGHTS_ADVICE): sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict): sd = sd["state_dict"]
     return sd
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .core import (Profile, RunDir, get_profile, seed_everything, get_device, write_json, read_json, hash_inputs,
-                                hash_file, open_run, atomic_write)
+                                hash_file, open_run, atomic_write, reading)
 from .protonets import (METHODS, ExplainerConfig, build_explainer, ProtoPool, PPNet, EPPNet, l2_distances,
                                      exact_fp32, log_activation, loss_terms, combine_losses, activation_maps, l1_wrong_class,
                                      UNetEncoder)
@@ -655,7 +655,7 @@ def load_explainer(
     model = build_explainer(build_cfg)
     if cfg.backbone not in ("cnn", "unet") and cfg.backbone_weights != "random":
         model.backbone.normalize, model.backbone.weights_label = True, f"pretrained ({cfg.backbone_weights})"
-    load_model(model, str(folder/"model.safetensors"), strict=True)
+    with reading(folder/"model.safetensors"): load_model(model, str(folder/"model.safetensors"), strict=True)
     model.to(device).eval()
     for p in model.parameters(): p.requires_grad_(False)
     recs = read_json(folder/"push.json") if (folder/"push.json").exists() else None

@@ -18,7 +18,7 @@ from scipy import stats
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm.auto import tqdm
 
-from .core import atomic_write, hash_inputs, read_json, write_json, seed_everything, RunDir
+from .core import atomic_write, hash_inputs, read_json, write_json, seed_everything, RunDir, reading, CorruptFile
 from .stats import bootstrap_ci, summarize, format_mean_sd, markdown_table, write_table
 from .data import load_sliceset
 
@@ -166,11 +166,12 @@ class LPIPSMetric:
     def name(self) -> str: return "LPIPS (AlexNet)" if not self.random_trunk else "LPIPS code path (random AlexNet trunk; NOT LPIPS)"
 
 def _state_dict_file(path:Path) -> dict:
-    "A state dict from .safetensors or a torch file, without unpickling arbitrary objects."
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    "A state dict from .safetensors or a torch file, without unpickling arbitrary objects; a damaged file is an error naming it."
+    with reading(path, "replace it with an intact copy of the weights file"):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 def _lpips_random_trunk(lin:Path) -> nn.Module:
     "lpips.LPIPS(alex) with a random trunk (no download attempted) and the linear layers from `lin`."
@@ -377,7 +378,8 @@ def load_domain_encoder(folder:str|Path) -> tuple[DomainEncoder, dict]:
     folder = Path(folder); f = folder/"domain_encoder.safetensors"
     if not f.is_file(): raise FileNotFoundError(f"{f}: no domain encoder saved here")
     info = read_json(folder/"domain_encoder.json")
-    m = DomainEncoder(**info["config"]); m.load_state_dict(load_file(str(f))); return m.eval(), info
+    with reading(f): sd = load_file(str(f))
+    m = DomainEncoder(**info["config"]); m.load_state_dict(sd); return m.eval(), info
 
 # %% ../nbs/09_quality.ipynb #d74e606a
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -560,8 +562,8 @@ def image_quality_table(
     "Compute the image-quality table of a run and write run/'tables'/'image_quality.csv' and '.md'."
     f = run/"samples"/"samples.npz"
     if not f.is_file(): raise FileNotFoundError(f"{f}: no generated samples; run the `sample` stage first")
-    with np.load(f, allow_pickle=False) as z:
-        if "images" not in z or "real_index" not in z: raise ValueError(f"{f}: needs arrays 'images' and 'real_index', has {sorted(z.files)}")
+    with reading(f), np.load(f, allow_pickle=False) as z:
+        if "images" not in z or "real_index" not in z: raise CorruptFile(f, f"needs arrays 'images' and 'real_index', has {sorted(z.files)}")
         gen, ridx = z["images"], z["real_index"]
     test, train = load_sliceset(run, "test"), load_sliceset(run, "train")
     enc, info = domain_encoder_for_run(run, force=force, min_steps=encoder_steps)

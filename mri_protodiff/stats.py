@@ -15,9 +15,9 @@ from scipy import stats
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['MIN_UNITS', 'MIN_SEEDS', 'TOO_SMALL', 'bootstrap_ci', 'summarize', 'format_mean_sd', 'hierarchical_bootstrap_ci',
-           'hierarchical_summary', 'cluster_bootstrap_ci', 'format_estimate', 'format_ci', 'minimum_detectable_effect',
-           'markdown_table', 'write_table']
+__all__ = ['ZERO_BELOW', 'MIN_UNITS', 'MIN_SEEDS', 'TOO_SMALL', 'bootstrap_ci', 'summarize', 'format_number', 'format_mean_sd',
+           'hierarchical_bootstrap_ci', 'hierarchical_summary', 'cluster_bootstrap_ci', 'format_estimate', 'format_ci',
+           'minimum_detectable_effect', 'markdown_table', 'write_table']
 
 # %% ../nbs/08_stats.ipynb #6f1d8446
 def bootstrap_ci(
@@ -57,17 +57,56 @@ def summarize(
     lo, hi = bootstrap_ci(x, n_resamples=n_resamples, seed=seed)
     return dict(mean=mean, sd=sd, n=n, ci95_low=lo, ci95_high=hi)
 
+# %% ../nbs/08_stats.ipynb #5b0e7c21
+ZERO_BELOW = 1e-12   # a value below this times the scale of its neighbours is float rounding noise: shown as 0
+
+def _mag(v:float) -> int:
+    "The decimal exponent of `v` (floor(log10|v|)); 0 for 0."
+    return int(np.floor(np.log10(abs(v)))) if v else 0
+
+def _no_neg_zero(s:str) -> str:
+    "'-0', '-0.000', '-0e+00' -> without the sign: a rounded zero has none."
+    return s[1:] if s.startswith("-") and not any(c in "123456789" for c in s.split("e")[0]) else s
+
+def format_number(
+    v, # the number (None, NaN: '')
+    digits:int=4, # significant digits
+    scale:float|None=None, # magnitude of the numbers `v` stands among (e.g. its column's largest |value|): below ZERO_BELOW x scale it is 0
+) -> str:
+    "`v` with `digits` significant digits: positional from 1e-4 to 10^digits, an integer up to 1e6, scientific outside; rounding noise as 0."
+    if v is None: return ""
+    v = float(v)
+    if np.isnan(v): return ""
+    if np.isinf(v): return "inf" if v > 0 else "-inf"
+    if v == 0 or (scale is not None and np.isfinite(scale) and abs(v) < ZERO_BELOW * abs(scale)): return "0"
+    a = abs(v)
+    if 1e-4 <= a < 10 ** digits: s = format(v, f".{digits}g")
+    elif 10 ** digits <= a < 1e6: s = f"{v:.0f}"
+    else: s = format(v, f".{digits}g").replace("e-0", "e-").replace("e+0", "e+")
+    return _no_neg_zero(s)
+
 # %% ../nbs/08_stats.ipynb #c6467f4f
 def format_mean_sd(
     mean:float, # the mean
     sd:float, # its standard deviation (nan: shown without it)
-    digits:int=4, # significant digits of the mean; the SD gets the same number of decimals
+    digits:int=4, # significant digits of the larger of |mean| and sd; the SD gets the same number of decimals
+    scale:float|None=None, # the spread the mean is read against when no SD is shown (e.g. the SD over units): sets the decimals
 ) -> str:
-    "'mean ± sd' with matching decimals, e.g. '19.37 ± 1.67'; 'n/a' for a missing mean."
+    "'mean ± sd' with matching decimals, e.g. '19.37 ± 1.67'; a mean that is rounding noise beside its SD reads 0; 'n/a' for a missing mean."
     if mean is None or not np.isfinite(mean): return "n/a"
-    mag = int(np.floor(np.log10(abs(mean)))) if mean != 0 else 0
-    dec = max(digits - 1 - mag, 0)
-    return f"{mean:.{dec}f}" if sd is None or not np.isfinite(sd) else f"{mean:.{dec}f} ± {sd:.{dec}f}"
+    has_sd = sd is not None and np.isfinite(sd)
+    spread = [abs(x) for x in (sd if has_sd else None, scale) if x is not None and np.isfinite(x)]
+    ref = max([abs(mean)] + spread)
+    if spread and abs(mean) < ZERO_BELOW * max(spread): mean = 0.0
+    if ref == 0: return "0" if not has_sd else "0 ± 0"
+    e = _mag(ref)
+    if -3 <= e < 6:
+        dec = max(digits - 1 - e, 0)
+        m = _no_neg_zero(f"{mean:.{dec}f}")
+        return m if not has_sd else f"{m} ± {sd:.{dec}f}"
+    d = max(digits - 1, 0)                      # shared exponent for very small or large numbers
+    m = _no_neg_zero(f"{mean / 10**e:.{d}f}")
+    return f"{m}e{e}" if not has_sd else f"({m} ± {sd / 10**e:.{d}f})e{e}"
 
 # %% ../nbs/08_stats.ipynb #86cd619f
 def hierarchical_bootstrap_ci(
@@ -160,11 +199,15 @@ def format_ci(
     n:int, # how many units the interval's mean summarises
     n_min:int=MIN_UNITS, # fewest units for it to be shown
 ) -> str:
-    "'[lo, hi]' with 3 significant digits; `TOO_SMALL` when `n < n_min`, '' when an end is not finite."
+    "'[lo, hi]' with 3 significant digits (scientific below 1e-4, an end that is rounding noise beside the other as 0); `TOO_SMALL` when `n < n_min`, '' when an end is not finite."
     if n < n_min: return TOO_SMALL
     if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)): return ""
-    def g(v): return np.format_float_positional(float(v), precision=3, unique=False, fractional=False, trim="-")
-    return f"[{g(lo)}, {g(hi)}]"   # 3 significant digits, never an exponent: '[1230, 1300]', '[0.000123, 0.0456]'
+    scale = max(abs(float(lo)), abs(float(hi)))
+    def g(v):
+        v = float(v)
+        if not 1e-4 <= abs(v) < 1e6: return format_number(v, 3, scale)
+        return _no_neg_zero(np.format_float_positional(v, precision=3, unique=False, fractional=False, trim="-"))
+    return f"[{g(lo)}, {g(hi)}]"   # 3 significant digits: '[1230, 1300]', '[0.000123, 0.0456]', '[0, 0.31]', '[-2.1e-7, 3.4e-7]'
 
 # %% ../nbs/08_stats.ipynb #11c60d3a
 def minimum_detectable_effect(
@@ -183,18 +226,33 @@ def minimum_detectable_effect(
     return float(z * sd / np.sqrt(n_eff) * (np.sqrt(2) if test == "two-sample" else 1))
 
 # %% ../nbs/08_stats.ipynb #9a01257e
+import re as _re
+_G_FMT = _re.compile(r"^\.(\d+)g$")
+
+def _is_p_column(name) -> bool:
+    "Does column `name` hold p-values (p, p_holm, p vs trained, p_value)?"
+    n = str(name).strip().lower()
+    return n == "p" or n[:2] in ("p_", "p ", "p-") or "p_value" in n or "p-value" in n or "pvalue" in n
+
 def markdown_table(
     df:pd.DataFrame, # the table
-    floatfmt:str=".4g", # format of float cells
+    floatfmt:str=".4g", # float cells: ".Ng" = N significant digits by `format_number`; another spec (".3f") as given
 ) -> str:
-    "A GitHub-flavoured markdown rendering of `df` (without needing `tabulate`)."
-    def cell(v):
+    "A GitHub-flavoured markdown rendering of `df` for reading (full precision stays in the CSV): numbers by `format_number`."
+    m = _G_FMT.match(floatfmt)
+    def scale_of(col):
+        if _is_p_column(col): return None
+        v = pd.to_numeric(df[col], errors="coerce").to_numpy(float) if len(df) else np.zeros(0)
+        v = np.abs(v[np.isfinite(v)]); return float(v.max()) if v.size else None
+    scales = [scale_of(c) for c in df.columns]
+    def cell(v, sc):
         if isinstance(v, (float, np.floating)):
-            return "" if np.isnan(v) else format(float(v), floatfmt)
+            if np.isnan(v): return ""
+            return format_number(v, int(m.group(1)), sc) if m else _no_neg_zero(format(float(v), floatfmt))
         return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(cell(v, sc) for v, sc in zip(row, scales)) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/08_stats.ipynb #6497f6f3
@@ -204,7 +262,7 @@ def write_table(
     title:str|None=None, # if given, also write `path` with suffix .md: "# title", the markdown table, `notes`
     notes:str="", # text under the markdown table
 ) -> Path:
-    "Write `df` as CSV to `path` (no index), and with a `title` its markdown rendering beside it; both atomically."
+    "Write `df` as CSV to `path` (no index, full precision), and with a `title` its markdown rendering for reading beside it; both atomically."
     path = Path(path)
     atomic_write(path, df.to_csv(index=False))
     if title is not None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import PAPER_TIMESTEPS, RunDir, write_json, open_run
+from .core import PAPER_TIMESTEPS, RunDir, write_json, open_run, reading
 from .diffusion import (UNet2DModel, sampling_scheduler, denoise_loop, predict_noise, to_epsilon, initial_noise, mask_channel,
                                      test_conditioning, image_grid,
                                      _batched_cond, _save_npz, _save_png, _oom_message)
@@ -186,6 +186,6 @@ def load_trajectories(
     root = Path(run.root if isinstance(run, RunDir) else run)
     p = root/"trajectory"/"trajectories.npz"
     if not p.exists(): raise FileNotFoundError(f"{p}: no trajectories; run `mri-protodiff trajectory --out {root}` first")
-    with np.load(p, allow_pickle=False) as z:
+    with reading(p), np.load(p, allow_pickle=False) as z:
         return [Trajectory(z["timesteps"], z["x_t"][i], z["x0_hat"][i], z["noise_map"][i], z["final"][i], int(z["seeds"][i]),
                            int(z["steps"])) for i in range(len(z["seeds"]))]

@@ -17,41 +17,105 @@ from plotly.subplots import make_subplots
 from .core import atomic_write, read_json
 
 # %% auto #0
-__all__ = ['METHOD_LABELS', 'METHOD_COLORS', 'INTENSITY_LABEL', 'NIS_LABEL', 'PLOTLY_CONFIG', 'PNG_HELP', 'method_label',
-           'method_color', 'figure_html', 'notebook_html', 'show', 'MissingBrowserWarning', 'find_browser',
-           'save_figure', 'image_grid', 'trajectory_figure', 'nis_histogram', 'bar_with_ci', 'line_with_band',
-           'training_curve', 'TrajectoryExplorer', 'trajectory_explorer', 'load_push_records', 'InfluenceExplorer',
-           'influence_explorer']
+__all__ = ['METHOD_LABELS', 'METHOD_COLORS', 'OTHER_COLORS', 'VARIANT_STYLES', 'GROUP_STYLES', 'INTENSITY_LABEL', 'NIS_LABEL',
+           'PLOTLY_CONFIG', 'PNG_HELP', 'SITE_INDEX', 'LABEL_COLORS', 'MASK_OPACITY', 'LABEL_PALETTE', 'method_label',
+           'shade', 'split_series', 'variant_style', 'series_style', 'method_color', 'design_size', 'figure_html',
+           'notebook_html', 'show', 'MissingBrowserWarning', 'find_browser', 'figure_title', 'figure_page',
+           'save_figure', 'wrap_title', 'label_color', 'image_grid', 'trajectory_figure', 'nis_histogram',
+           'bar_with_ci', 'line_with_band', 'log_ticks', 'training_curve', 'TrajectoryExplorer', 'trajectory_explorer',
+           'load_push_records', 'InfluenceExplorer', 'influence_explorer']
 
 # %% ../nbs/12_viz.ipynb #32cc77ca
 METHOD_LABELS = {"ppnet": "PPNet", "eppnet": "EPPNet", "protopool": "ProtoPool",
-                 "paper": "paper's NIS (scripts)", "random": "randomised explainer"}
-METHOD_COLORS = {"ppnet": "#1f77b4", "eppnet": "#d62728", "protopool": "#2ca02c",
-                 "paper": "#7f7f7f", "random": "#9467bd"}
-_PALETTE = ("#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a")
+                 "paper": "paper's NIS (scripts)", "random": "random scores (chance)", "trak": "TRAK",
+                 "pixel_nn": "nearest neighbour (pixels)", "feature_nn": "nearest neighbour (UNet features)"}
+METHOD_COLORS = {"ppnet": "#1f77b4", "eppnet": "#d62728", "protopool": "#2ca02c", "paper": "#7f7f7f",
+                 "random": "#9467bd", "trak": "#ff7f0e", "pixel_nn": "#8c564b", "feature_nn": "#bcbd22"}
+OTHER_COLORS = ("#444444", "#17becf", "#e377c2", "#daa520")   # series that are not methods (splits, losses)
+# (mix: > 0 towards white, < 0 towards black; dash for lines; pattern for bars); matched as lower-case substrings
+VARIANT_STYLES = {"trained": (0.0, "solid", ""), "shuffled": (0.45, "dash", "/"), "random saliency": (0.8, "dashdot", "."),
+                  "randomi": (0.65, "dot", "x"), "full": (-0.35, "solid", "")}
+GROUP_STYLES = ((0.0, "solid", ""), (0.45, "dash", "/"), (0.65, "dot", "x"), (0.8, "dashdot", "."), (-0.35, "longdash", "\\"))
 INTENSITY_LABEL = "intensity (scaled to [-1, 1])"
 NIS_LABEL = "NIS (normalised influence score, unitless)"
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+_PALETTE = OTHER_COLORS   # (old name)
 
 def method_label(m) -> str:
     "How method `m` is written in legends and axes (`ppnet` -> `PPNet`)."
     return METHOD_LABELS.get(str(m), str(m))
 
-def method_color(m, i:int=0) -> str:
-    "The colour of method `m` (`i`: its position, used for methods without a fixed colour)."
-    return METHOD_COLORS.get(str(m), _PALETTE[i % len(_PALETTE)])
+def shade(hex_color:str, mix:float) -> str:
+    "`hex_color` mixed towards white (`mix` > 0) or black (`mix` < 0) by |mix| in [0, 1]."
+    h = hex_color.lstrip("#"); rgb = np.array([int(h[i:i + 2], 16) for i in (0, 2, 4)], float)
+    rgb = rgb + (255 - rgb)*mix if mix >= 0 else rgb*(1 + mix)
+    return "#" + "".join(f"{int(round(v)):02x}" for v in np.clip(rgb, 0, 255))
+
+# %% ../nbs/12_viz.ipynb #7c3e9d51
+_LABEL_TO_METHOD = {v: k for k, v in METHOD_LABELS.items()}
+_SEPARATORS = " :(/-,_"
+
+def split_series(key) -> tuple:
+    "(method, variant) read off a series name: 'ppnet' -> ('ppnet', None), 'PPNet: shuffled NIS' -> ('ppnet', 'shuffled NIS'); (None, None) for no method."
+    s = str(key)
+    if s in METHOD_COLORS: return s, None
+    if s in _LABEL_TO_METHOD: return _LABEL_TO_METHOD[s], None
+    for m in sorted(METHOD_COLORS, key=len, reverse=True):
+        for p in (m, METHOD_LABELS.get(m, m)):
+            if s.lower().startswith(p.lower()) and len(s) > len(p) and s[len(p)] in _SEPARATORS:
+                v = s[len(p):].strip(" :/-,_")
+                return m, (v[1:-1] if v.startswith("(") and v.endswith(")") else v) or None
+    return None, None
+
+def variant_style(variant, j:int|None=None) -> tuple:
+    "(mix, dash, pattern) of a variant name (`VARIANT_STYLES`), else of group position `j` (`GROUP_STYLES`), else the method's own."
+    v = str(variant).lower() if variant is not None else ""
+    for k, st in VARIANT_STYLES.items():
+        if k in v: return st
+    return GROUP_STYLES[j % len(GROUP_STYLES)] if j is not None else GROUP_STYLES[0]
+
+def series_style(
+    key, # a method ('ppnet'), or a series about one ('PPNet: shuffled NIS', 'eppnet_full'), or anything else
+    i:int=0, # position among the series: picks the colour of a series that is no method
+    variant=None, # the variant, when it is not part of `key` (e.g. a `variant` column beside a `method` column)
+    j:int|None=None, # position of an unknown variant among the groups: picks its shade
+) -> dict:
+    "{'color', 'dash', 'pattern', 'method', 'variant'} of a series: its method's colour, lighter/dashed for controls."
+    m, v = split_series(key)
+    v = variant if variant is not None else v
+    if m is None: return dict(color=OTHER_COLORS[i % len(OTHER_COLORS)], dash="solid", pattern="", method=None, variant=v)
+    mix, dash, pattern = variant_style(v, j) if v is not None else GROUP_STYLES[0]
+    return dict(color=shade(METHOD_COLORS[m], mix), dash=dash, pattern=pattern, method=m, variant=v)
+
+def method_color(
+    m, # a method or a series about one (see `series_style`)
+    i:int=0, # its position: the colour of a series that is no method
+    variant=None, # the control or variant, e.g. 'shuffled NIS': a shade of the method's colour
+) -> str:
+    "The colour of method `m` (a shade of it for a control or variant); `OTHER_COLORS[i]` for a series that is no method."
+    return series_style(m, i, variant)["color"]
 
 # %% ../nbs/12_viz.ipynb #4ac50405
 _PLOTLYJS_SHOWN = False  # has this process already displayed the plotly.js bundle?
+_FIGURE_CSS = "<style>.mp-figure>div{width:100%;height:100%}</style>"
+
+def design_size(fig:go.Figure) -> tuple:
+    "(width, height) a figure was designed at: its layout's (width None: it fills the page's width), height default 450."
+    return (int(fig.layout.width) if fig.layout.width else None), int(fig.layout.height or 450)
 
 def figure_html(
     fig:go.Figure, # the figure
     include_plotlyjs:bool|str=True, # True: inline plotly.js; False: assume the page has it; "directory": `<script src="plotly.min.js">`
-    full_html:bool=False, # a whole page rather than a fragment
+    full_html:bool=False, # a whole page (see `figure_page`) rather than a fragment
 ) -> str:
-    "HTML that draws `fig` offline, with a fixed pixel height so it never collapses inside a notebook page."
-    return pio.to_html(fig, full_html=full_html, include_plotlyjs=include_plotlyjs, config=PLOTLY_CONFIG,
-                       default_height=f"{fig.layout.height or 450}px", default_width="100%")
+    "HTML that draws `fig` offline, at its design size where the page has room and scaled to the page's width where not."
+    if full_html: return figure_page(fig, include_plotlyjs=include_plotlyjs)
+    w, h = design_size(fig)
+    f = go.Figure(fig); f.update_layout(width=None, height=None, autosize=True)
+    div = pio.to_html(f, full_html=False, include_plotlyjs=include_plotlyjs, config=PLOTLY_CONFIG,
+                      default_height="100%", default_width="100%")
+    box = (f"width:100%;max-width:{w}px;aspect-ratio:{w}/{h};" if w else f"width:100%;height:{h}px;")
+    return f'<div class="mp-figure" style="{box}overflow:hidden;margin:0 auto">{_FIGURE_CSS}{div}</div>'
 
 def notebook_html(
     fig:go.Figure, # the figure
@@ -114,6 +178,36 @@ def _ensure_plotlyjs(folder:Path) -> Path:
     if not p.exists() or p.read_text(encoding="utf-8", errors="replace")[:64] != js[:64]: atomic_write(p, js)
     return p
 
+# %% ../nbs/12_viz.ipynb #6a0f3c8e
+import html as _html, re as _re
+
+SITE_INDEX = "../index.html"   # a figure page's link back: the results site's front page, relative to run/figures/
+
+def figure_title(fig:go.Figure, default:str="Figure") -> str:
+    "The figure's title as plain text (tags such as <br> removed), else `default`."
+    t = fig.layout.title.text if fig.layout.title and fig.layout.title.text else default
+    return " ".join(_re.sub(r"<[^>]+>", " ", str(t)).split())
+
+def figure_page(
+    fig:go.Figure, # the figure
+    include_plotlyjs:bool|str="directory", # "directory": `<script src="plotly.min.js">` beside the page; True: inline; False: none
+    title:str|None=None, # page title and heading (default: the figure's title)
+    back:str|None=SITE_INDEX, # link back to the results site (relative); None: no link
+    png:str|None=None, # file name of the figure's PNG beside the page, linked when given
+) -> str:
+    "A whole HTML page for one figure: title, a link back to the site (and to the PNG), the figure scaled to the page."
+    t = _html.escape(title or figure_title(fig))
+    head_js = '<script src="plotly.min.js" charset="utf-8"></script>' if include_plotlyjs == "directory" else ""
+    body = figure_html(fig, include_plotlyjs=include_plotlyjs is True)
+    links = [f'<a href="{_html.escape(back)}">&larr; results site</a>'] if back else []
+    if png: links.append(f'<a href="{_html.escape(png)}">static PNG</a>')
+    nav = f'<nav>{" &middot; ".join(links)}</nav>' if links else ""
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>{t}</title>{head_js}<style>body{{font-family:system-ui,sans-serif;margin:12px 16px;color:#222}}'
+            'nav{font-size:14px;margin-bottom:4px} nav a{color:#0b5394} h1{font-size:18px;font-weight:600;margin:6px 0 10px}</style>'
+            f'</head><body>{nav}<h1>{t}</h1>{body}</body></html>\n')
+
 # %% ../nbs/12_viz.ipynb #0194469d
 def save_figure(
     fig:go.Figure, # the figure
@@ -124,15 +218,17 @@ def save_figure(
     height:int|None=None, # (default: the figure's layout height, else 500)
     scale:float=2, # PNG pixel density (2 = sharp on print and high-DPI screens)
     include_plotlyjs:bool|str="directory", # "directory": shared figures/plotly.min.js; True: self-contained HTML
+    back:str|None=SITE_INDEX, # the HTML page's link back to the results site (relative to figures/)
 ) -> dict:
-    "Write `fig` as run/figures/<name>.html (interactive, offline) and .png (static); returns the paths and the PNG export time."
+    "Write `fig` as run/figures/<name>.html (a page: title, link back, interactive, offline) and .png (static); returns the paths and the PNG export time."
     if not isinstance(name, str) or not name or Path(name).name != name or name.startswith(".") \
             or Path(name).suffix.lower() in (".html", ".png"):
         raise ValueError(f"save_figure: name must be a plain file stem such as 'nis_histogram', got {name!r}")
     folder = _run_root(run)/"figures"; folder.mkdir(parents=True, exist_ok=True)
     html_path, png_path = folder/f"{name}.html", folder/f"{name}.png"
     if include_plotlyjs == "directory": _ensure_plotlyjs(folder)
-    atomic_write(html_path, figure_html(fig, include_plotlyjs=include_plotlyjs, full_html=True))
+    page = lambda with_png: figure_page(fig, include_plotlyjs=include_plotlyjs, back=back, png=png_path.name if with_png else None)
+    atomic_write(html_path, page(False))
     out = dict(html=html_path, png=None, png_seconds=None)
     if png is False: return out
     if find_browser() is None:
@@ -146,10 +242,45 @@ def save_figure(
         img = fig.to_image(format="png", width=width or fig.layout.width or 900,
                            height=height or fig.layout.height or 500, scale=scale)
     atomic_write(png_path, img)
+    atomic_write(html_path, page(True))   # now with the link to the PNG
     out.update(png=png_path, png_seconds=round(time.perf_counter() - t0, 3))
     return out
 
+# %% ../nbs/12_viz.ipynb #41b7d2a3
+def wrap_title(
+    text:str, # the title (may contain <br> already)
+    width:int|None, # the figure's design width in pixels (None: 900)
+    px_per_char:float=9.0, # mean width of a character of the title font
+) -> str:
+    "`text` with <br> inserted at spaces so that no line is wider than `width`."
+    if not text: return text
+    limit = max(20, int((width or 900) / px_per_char))
+    lines = []
+    for part in str(text).split("<br>"):
+        line = ""
+        for word in part.split(" "):
+            if line and len(_re.sub(r"<[^>]+>", "", line + " " + word)) > limit: lines.append(line); line = word
+            else: line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "<br>".join(lines)
+
+def _title(text:str, width:int|None) -> dict:
+    "The layout title of a builder: wrapped to `width`, centred."
+    return dict(text=wrap_title(text, width), x=0.5, xanchor="center")
+
 # %% ../nbs/12_viz.ipynb #922e4021
+LABEL_COLORS = {"body": "#ff7f00", "fgt": "#00ff00", "vessel": "#e41a1c", "lesion": "#f0e442", "skin": "#f781bf",
+                "muscle": "#0000ff", "lung": "#00ffff", "heart": "#1e90ff"}
+MASK_OPACITY = 0.45   # the overlay's opacity: the colours were chosen to stay apart at it
+LABEL_PALETTE = tuple(LABEL_COLORS.values())
+
+def label_color(
+    k:int, # the label value (1, 2, ...; 0 is the background, never drawn)
+    name:str|None=None, # its name: a known one (body, fgt, vessel, lesion, skin, muscle, lung, heart) keeps its colour
+) -> str:
+    "The overlay colour of label `k` called `name`."
+    return LABEL_COLORS.get(str(name).lower(), LABEL_PALETTE[(k - 1) % len(LABEL_PALETTE)]) if name else LABEL_PALETTE[(k - 1) % len(LABEL_PALETTE)]
+
 def _as_panels(a, name:str, ndim_ok=(3, 4)) -> np.ndarray:
     "(N,1,H,W) or (N,H,W) -> float32 (N,H,W), naming `name` when the shape is wrong."
     a = np.asarray(a)
@@ -176,12 +307,13 @@ def _grid_figure(nrows:int, ncols:int, title:str, row_labels=None, col_labels=No
                              showticklabels=False, showgrid=False, zeroline=False, ticks="", row=r, col=c)
             fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, ticks="",
                              constrain="domain", row=r, col=c)
-    if row_labels is not None:
-        for r, lab in enumerate(row_labels): fig.update_yaxes(title_text=str(lab), row=r + 1, col=1)
-    top = 70 if title else 30
-    fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"), plot_bgcolor="white",
-                      width=ncols*panel_px + 80 + colorbar_room, height=nrows*panel_px + top + 30,
-                      margin=dict(l=60 if row_labels is not None else 20, r=20 + colorbar_room, t=top, b=20))
+    if row_labels is not None:   # long labels on two lines, so that they fit beside a row scaled down to the page
+        for r, lab in enumerate(row_labels): fig.update_yaxes(title_text=str(lab).replace(" (", "<br>(", 1), row=r + 1, col=1)
+    width = ncols*panel_px + 80 + colorbar_room
+    t = _title(title, width) if title else dict(text=title)
+    top = (70 + 22*t["text"].count("<br>")) if title else 30
+    fig.update_layout(title=t, plot_bgcolor="white", width=width, height=nrows*panel_px + top + 30,
+                      margin=dict(l=75 if row_labels is not None else 20, r=20 + colorbar_room, t=top, b=20))
     return fig
 
 def _image_trace(z, name:str, zmin=-1., zmax=1., colorscale="gray", hover:str="intensity", **kw) -> go.Heatmap:
@@ -198,7 +330,7 @@ def image_grid(
     title:str="Images", # figure title
     label_names:Sequence[str]|None=None, # mask label names (index = label value), for the legend
     zmin:float=-1., zmax:float=1., # intensity range mapped to black..white
-    mask_opacity:float=0.35, # opacity of the mask colours
+    mask_opacity:float=MASK_OPACITY, # opacity of the mask colours
     panel_px:int=140, # size of one panel in pixels
 ) -> go.Figure:
     "A grid of greyscale images with optional label-map overlays, row and column labels."
@@ -213,7 +345,7 @@ def image_grid(
     if masks is not None:
         n_lab = int(masks.max()) if masks.size else 0
         names = list(label_names) if label_names is not None else [f"label {k}" for k in range(n_lab + 1)]
-        cols = [_PALETTE[(k - 1) % len(_PALETTE)] for k in range(1, n_lab + 1)]
+        cols = [label_color(k, names[k] if k < len(names) else None) for k in range(1, n_lab + 1)]
         scale = [[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]] if n_lab == 0 else \
                 [s for k, c in enumerate(cols) for s in ([k/n_lab, c], [(k + 1)/n_lab, c])]
         for i, m in enumerate(masks):
@@ -224,7 +356,8 @@ def image_grid(
         for k in sorted(set(np.unique(masks).tolist()) - {0}):
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=str(names[k]) if k < len(names) else f"label {k}",
                                      marker=dict(symbol="square", size=12, color=cols[k - 1])), row=1, col=1)
-        fig.update_layout(legend=dict(title="mask labels", orientation="h", y=-0.02, yanchor="top"))
+        fig.update_layout(showlegend=True, legend=dict(title="mask labels", orientation="h", y=-0.02, yanchor="top"))
+        fig.update_layout(height=fig.layout.height + 40, margin_b=60)   # room for the legend below the grid
     return fig
 
 # %% ../nbs/12_viz.ipynb #c6ca22f9
@@ -246,7 +379,7 @@ def _unpack_trajectory(traj, x_t, x0_hat, noise_map):
 def _row_colorbar(fig:go.Figure, row:int, title:str) -> dict:
     "A colour bar beside grid row `row` (1-based), as tall as the row."
     lo, hi = fig.get_subplot(row, 1).yaxis.domain
-    return dict(title=dict(text=title, side="top"), len=(hi - lo)*0.8, y=(lo + hi)/2, yanchor="middle", thickness=12)
+    return dict(title=dict(text=title, side="top"), len=(hi - lo)*0.8, y=(lo + hi)/2, yanchor="middle", thickness=12, nticks=3)
 
 # %% ../nbs/12_viz.ipynb #641f3a51
 def trajectory_figure(
@@ -288,26 +421,33 @@ def nis_histogram(
     nbins:int=40, # number of bins over the range of all values
     title:str="NIS distribution per explainer", # figure title
     x_label:str=NIS_LABEL, # x axis label
+    labels:Mapping|None=None, # {method: legend name} (default `method_label`), e.g. `groundtruth.GT_LABELS`
 ) -> go.Figure:
-    "Histograms of NIS per explainer on shared bins: faceted (the paper's figure) or overlaid."
+    "Histograms of NIS per explainer on shared bins, in each method's colour: faceted (the paper's figure) or overlaid."
     if mode not in ("facet", "overlay"): raise ValueError(f"mode must be 'facet' or 'overlay', got {mode!r}")
     groups = {k: v[np.isfinite(v)] for k, v in _groups(data, value, by).items()}
     if not groups or not any(len(v) for v in groups.values()): raise ValueError(f"no finite {value!r} values to plot")
     edges = np.histogram_bin_edges(np.concatenate(list(groups.values())), bins=nbins)
-    xbins = dict(start=float(edges[0]), end=float(edges[-1]), size=float(edges[1] - edges[0]) or 1.0)
+    size = float(edges[1] - edges[0]) * (1 + 1e-9) or 1.0   # a hair wider than numpy's: plotly's bins are half-open, so
+    xbins = dict(start=float(edges[0]), end=float(edges[0]) + nbins*size, size=size)   # the largest value would fall out
     n = len(groups)
-    fig = make_subplots(rows=n, cols=1, shared_xaxes=True, vertical_spacing=0.06) if mode == "facet" else go.Figure()
+    name_of = lambda k: (labels or {}).get(k, method_label(k))
+    titles = [f'<span style="color:{method_color(k, i)}">{name_of(k)} (n={len(v)})</span>' for i, (k, v) in enumerate(groups.items())]
+    fig = make_subplots(rows=n, cols=1, shared_xaxes=True, vertical_spacing=min(0.08, 0.4/n), subplot_titles=titles) \
+        if mode == "facet" else go.Figure()
     for i, (k, v) in enumerate(groups.items()):
-        tr = go.Histogram(x=v, xbins=xbins, autobinx=False, name=f"{method_label(k)} (n={len(v)})",
+        tr = go.Histogram(x=v, xbins=xbins, autobinx=False, name=f"{name_of(k)} (n={len(v)})",
                           marker_color=method_color(k, i), opacity=0.6 if mode == "overlay" else 0.9,
-                          hovertemplate=f"{method_label(k)}<br>NIS %{{x}}<br>count %{{y}}<extra></extra>")
+                          hovertemplate=f"{name_of(k)}<br>{value} %{{x}}<br>count %{{y}}<extra></extra>")
         if mode == "facet":
             fig.add_trace(tr, row=i + 1, col=1); fig.update_yaxes(title_text="count", row=i + 1, col=1)
         else: fig.add_trace(tr)
-    if mode == "facet": fig.update_xaxes(title_text=x_label, row=n, col=1)
+    if mode == "facet":   # each panel titled with its method, in its colour: no legend to match up
+        fig.update_xaxes(title_text=x_label, row=n, col=1); fig.update_layout(showlegend=False)
+        for a in fig.layout.annotations: a.update(x=0, xanchor="left", font_size=13)
     else: fig.update_layout(barmode="overlay", xaxis_title=x_label, yaxis_title="count")
-    fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"), width=760,
-                      height=max(320, 170*n + 120) if mode == "facet" else 420, bargap=0.02)
+    fig.update_layout(title=_title(title, 760), width=760,
+                      height=max(320, (170 if n <= 4 else 110)*n + 120) if mode == "facet" else 420, bargap=0.02)
     return fig
 
 # %% ../nbs/12_viz.ipynb #d2bc9a70
@@ -317,35 +457,58 @@ def bar_with_ci(
     y:str="faithfulness", # bar height column
     lo:str|None="ci_low", # lower end of the interval (None: no error bars)
     hi:str|None="ci_high", # upper end of the interval
-    by:str|None=None, # grouping column: one colour per group, bars side by side
+    by:str|None=None, # grouping column: bars side by side, one shade (or colour) per group
     reference:Mapping|None=None, # {category: value} drawn as diamonds, e.g. the paper's reported numbers
     reference_name:str="paper (reported)", # legend entry of the reference markers
     title:str="Faithfulness per explainer (mean, 95% bootstrap CI)", # figure title
     y_label:str="faithfulness", # y axis label (say what the number is)
     x_label:str="explainer", # x axis label
+    n:str|None="n", # column of the number of units per bar, shown in the legend and on hover (if present)
 ) -> go.Figure:
-    "Bar chart with asymmetric confidence-interval error bars, optional groups and reference markers."
+    "Bar chart with asymmetric confidence-interval error bars, optional groups and reference markers; bars in their method's colours."
     need = [c for c in (x, y, lo, hi, by) if c is not None]
     missing = [c for c in need if c not in df.columns]
     if missing: raise ValueError(f"bar_with_ci: the table has no column(s) {missing} (columns: {list(df.columns)})")
+    n = n if n in df.columns else None
     def err(g):
         if lo is None or hi is None: return None
         return dict(type="data", symmetric=False, array=(g[hi] - g[y]).to_numpy(float),
                     arrayminus=(g[y] - g[lo]).to_numpy(float), thickness=1.5, width=6)
+    def n_text(g):
+        if n is None: return ""
+        v = sorted({int(u) for u in pd.to_numeric(g[n], errors="coerce").dropna()})
+        return "" if not v else f" (n={v[0]})" if len(v) == 1 else f" (n={v[0]}-{v[-1]})"
+    x_methods = all(split_series(v)[0] is not None for v in df[x])
     fig = go.Figure()
     groups = [(None, df)] if by is None else list(df.groupby(by, sort=False))
-    for i, (k, g) in enumerate(groups):
+    for j, (k, g) in enumerate(groups):
         labels = [method_label(v) for v in g[x]]
-        colors = [method_color(v, j) for j, v in enumerate(g[x])] if by is None else method_color(k, i)
-        ci = "" if lo is None else "<br>CI [%{customdata[0]:.4f}, %{customdata[1]:.4f}]"
-        fig.add_trace(go.Bar(x=labels, y=g[y], error_y=err(g), marker_color=colors, name=y if k is None else method_label(k),
-                             customdata=None if lo is None else g[[lo, hi]].to_numpy(float), showlegend=by is not None,
-                             hovertemplate=f"%{{x}}<br>{y_label} %{{y:.4f}}{ci}<extra></extra>"))
+        if x_methods:   # bars in their method's colour; the group as shade and hatching
+            styles = [series_style(v, i, variant=k, j=j) if k is not None else series_style(v, i) for i, v in enumerate(g[x])]
+        else:           # one colour per group (its method's, if it is one)
+            styles = [series_style(k if k is not None else y, j)]*len(g)
+        ci = "" if lo is None else "<br>CI [%{customdata[0]:.4g}, %{customdata[1]:.4g}]"
+        nn = "" if n is None else "<br>n %{customdata[2]}"
+        name = (y if k is None else method_label(k)) + n_text(g)
+        custom = None if lo is None and n is None else np.column_stack([
+            g[lo].to_numpy(float) if lo else np.full(len(g), np.nan), g[hi].to_numpy(float) if hi else np.full(len(g), np.nan),
+            g[n].to_numpy(float) if n else np.full(len(g), np.nan)])
+        key_legend = x_methods and k is not None
+        fig.add_trace(go.Bar(x=labels, y=g[y], error_y=err(g), name=name, legendgroup=str(k), offsetgroup=str(j),
+                             marker=dict(color=[st["color"] for st in styles], line=dict(color=[shade(st["color"], -0.3) for st in styles], width=1),
+                                         pattern=dict(shape=[st["pattern"] for st in styles], fgcolor="rgba(0,0,0,0.45)", size=6)),
+                             customdata=custom, showlegend=by is not None and not key_legend,
+                             hovertemplate=f"%{{x}}<br>{'' if k is None else str(k) + '<br>'}{y_label} %{{y:.4g}}{ci}{nn}<extra></extra>"))
+        if key_legend:  # a grey key: the shade and hatching of this group, whatever the method
+            mix, _, pattern = variant_style(k, j)
+            fig.add_trace(go.Bar(x=[labels[0]], y=[None], name=name, legendgroup=str(k), offsetgroup=str(j), hoverinfo="skip",
+                                 marker=dict(color=shade("#555555", mix), line=dict(color="#333333", width=1),
+                                             pattern=dict(shape=pattern, fgcolor="rgba(0,0,0,0.45)", size=6))))
     if reference:
         keys = [k for k in dict.fromkeys(df[x]) if k in reference]
         fig.add_trace(go.Scatter(x=[method_label(k) for k in keys], y=[reference[k] for k in keys], mode="markers",
                                  name=reference_name, marker=dict(symbol="diamond", size=12, color="black")))
-    fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"), xaxis_title=x_label, yaxis_title=y_label,
+    fig.update_layout(title=_title(title, 720), xaxis_title=x_label, yaxis_title=y_label,
                       barmode="group", width=720, height=440, showlegend=bool(reference) or by is not None)
     return fig
 
@@ -355,7 +518,7 @@ def _rgba(hex_color:str, alpha:float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 def line_with_band(
-    df:pd.DataFrame, # long table: one row per (group, x)
+    df:pd.DataFrame, # long table: one row per (facet, group, x)
     x:str="timestep", # x column
     y:str="faithfulness", # line column
     lo:str="ci_low", hi:str="ci_high", # band columns
@@ -364,26 +527,78 @@ def line_with_band(
     x_label:str="timestep t at which the prototype region is perturbed", # x axis label
     y_label:str="faithfulness", # y axis label
     reverse_x:bool=True, # draw t = 1000 (noise) on the left
+    facet:str|None=None, # small multiples: one panel per value of this column (e.g. "method"), `by` lines in each
+    facet_cols:int=3, # panels per row
+    control_bands:bool=False, # also shade the bands of control series (lighter, dashed lines)
 ) -> go.Figure:
-    "One line per group with a shaded confidence band."
-    missing = [c for c in (x, y, lo, hi, by) if c is not None and c not in df.columns]
+    "One line per group with a shaded confidence band; with `facet`, one panel per facet value (small multiples)."
+    missing = [c for c in (x, y, lo, hi, by, facet) if c is not None and c not in df.columns]
     if missing: raise ValueError(f"line_with_band: the table has no column(s) {missing} (columns: {list(df.columns)})")
-    fig = go.Figure()
-    for i, (k, g) in enumerate([(y, df)] if by is None else df.groupby(by, sort=False)):
-        g = g.sort_values(x); c = method_color(k, i); name = method_label(k)
-        xs = g[x].to_numpy(); band_ok = g[[lo, hi]].notna().all(axis=1).to_numpy()
-        fig.add_trace(go.Scatter(x=np.concatenate([xs[band_ok], xs[band_ok][::-1]]),
-                                 y=np.concatenate([g[hi].to_numpy(float)[band_ok], g[lo].to_numpy(float)[band_ok][::-1]]),
-                                 mode="lines", fill="toself", fillcolor=_rgba(c, 0.18), line=dict(width=0), hoverinfo="skip",
-                                 name=f"{name} CI", legendgroup=str(k), showlegend=False))
-        fig.add_trace(go.Scatter(x=xs, y=g[y], mode="lines+markers", name=name, legendgroup=str(k), line=dict(color=c),
-                                 hovertemplate=f"{name}<br>{x} %{{x}}<br>{y_label} %{{y:.4f}}<extra></extra>"))
-    fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"), xaxis_title=x_label, yaxis_title=y_label,
-                      width=760, height=440)
+    facets = [(None, df)] if facet is None else list(df.groupby(facet, sort=False))
+    nf = len(facets); nc = min(nf, max(int(facet_cols), 1)); nr = -(-nf // nc)
+    series = list(dict.fromkeys(df[by])) if by is not None else [y]
+    if facet is None:
+        fig, width, height = go.Figure(), 760, 440
+    else:
+        titles = [f'<span style="color:{method_color(f, i)}"><b>{method_label(f)}</b></span>' for i, (f, _) in enumerate(facets)]
+        fig = make_subplots(rows=nr, cols=nc, shared_xaxes="all", shared_yaxes="all", subplot_titles=titles,
+                            horizontal_spacing=0.04, vertical_spacing=0.14 if nr > 1 else 0.1)
+        width, height = 120 + 330*nc, 170 + 300*nr
+    for fi, (f, d) in enumerate(facets):
+        pos = dict(row=fi // nc + 1, col=fi % nc + 1) if facet is not None else {}
+        for i, (k, g) in enumerate([(y, d)] if by is None else d.groupby(by, sort=False)):
+            si = series.index(k)
+            if facet is None: st = series_style(k, si)
+            else:
+                own = split_series(k)[0] is not None
+                st = series_style(k, si) if own else series_style(f, fi, variant=k, j=si)
+            control = variant_style(st["variant"], si)[0] > 0 if st["variant"] is not None and st["method"] is not None else False
+            g = g.sort_values(x); c = st["color"]
+            name = method_label(k) if facet is None else str(k)
+            xs = g[x].to_numpy(); band_ok = g[[lo, hi]].notna().all(axis=1).to_numpy()
+            if control_bands or not control:
+                fig.add_trace(go.Scatter(x=np.concatenate([xs[band_ok], xs[band_ok][::-1]]),
+                                         y=np.concatenate([g[hi].to_numpy(float)[band_ok], g[lo].to_numpy(float)[band_ok][::-1]]),
+                                         mode="lines", fill="toself", fillcolor=_rgba(c, 0.18), line=dict(width=0), hoverinfo="skip",
+                                         name=f"{name} CI", legendgroup=str(k), showlegend=False), **pos)
+            where = "" if facet is None else f"{method_label(f)}: "
+            fig.add_trace(go.Scatter(x=xs, y=g[y], mode="lines+markers", name=name, legendgroup=str(k),
+                                     line=dict(color=c, dash=st["dash"], width=1.5 if control else 2),
+                                     marker=dict(size=5 if control else 7), showlegend=facet is None,
+                                     hovertemplate=f"{where}{name}<br>{x} %{{x}}<br>{y_label} %{{y:.4g}}<extra></extra>"), **pos)
+    if facet is not None:   # a grey key of the line styles, one entry per series
+        for si, k in enumerate(series):
+            st = series_style(k, si) if split_series(k)[0] is not None else series_style("ppnet", si, variant=k, j=si)
+            mix = variant_style(st["variant"], si)[0] if st["variant"] is not None else 0.0
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines+markers", name=str(k), legendgroup=str(k),
+                                     line=dict(color=shade("#444444", max(mix, 0)), dash=st["dash"])), row=1, col=1)
+        fig.update_xaxes(title_text=x_label if nc == 1 else "", row=nr)
+        fig.update_yaxes(title_text=y_label, col=1)
+        if nc > 1: fig.add_annotation(text=x_label, x=0.5, xref="paper", y=0, yref="paper", yshift=-45, showarrow=False, font_size=14)
+    else:
+        fig.update_layout(xaxis_title=x_label, yaxis_title=y_label)
+    fig.update_layout(title=_title(title, width), width=width, height=height)
+    if facet is not None:   # title, then the key, then the panels
+        fig.update_layout(margin=dict(t=130, b=80), title=dict(y=1 - 12/height, yanchor="top", yref="container"),
+                          legend=dict(orientation="h", x=0.5, xanchor="center", y=1 - 62/height, yanchor="top", yref="container"))
     if reverse_x: fig.update_xaxes(autorange="reversed")
     return fig
 
 # %% ../nbs/12_viz.ipynb #2a0ba651
+def log_ticks(
+    lo:float, # smallest positive value on the axis
+    hi:float, # largest value
+) -> list:
+    "Tick values for a log axis from `lo` to `hi`: 1-2-5 steps up to two decades, powers of ten beyond (at least two ticks)."
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo <= 0 or hi <= 0: return []
+    lo, hi = min(lo, hi), max(lo, hi)
+    e0, e1 = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
+    steps = (1, 2, 5) if np.log10(hi/lo) <= 2 else (1,)
+    ticks = [float(f"{m}e{e}") for e in range(e0, e1 + 1) for m in steps if lo <= float(f"{m}e{e}") <= hi]
+    if len(ticks) < 2:   # less than a 1-2-5 step: the ends and the middle, 2 significant digits
+        ticks = sorted({float(f"{v:.2g}") for v in np.geomspace(lo, hi, 3)})
+    return ticks
+
 def training_curve(
     df:pd.DataFrame, # columns `x`, `y` and optionally `by`
     x:str="step", # optimisation step column
@@ -408,9 +623,11 @@ def training_curve(
             ema = g[y].astype(float).ewm(alpha=1 - smooth, adjust=False).mean()
             fig.add_trace(go.Scatter(x=g[x], y=ema, mode="lines", name=f"{name} (EMA {smooth})",
                                      line=dict(color=c, width=2), legendgroup=name))
-    fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"), xaxis_title=x_label, yaxis_title=y_label,
-                      width=760, height=420)
-    if log_y: fig.update_yaxes(type="log")
+    fig.update_layout(title=_title(title, 760), xaxis_title=x_label, yaxis_title=y_label, width=760, height=420)
+    if log_y:
+        v = pd.to_numeric(df[y], errors="coerce").to_numpy(float); v = v[np.isfinite(v) & (v > 0)]
+        ticks = log_ticks(v.min(), v.max()) if v.size else []
+        fig.update_yaxes(type="log", **(dict(tickvals=ticks, ticktext=[format(t, "g") for t in ticks]) if ticks else {}))
     return fig
 
 # %% ../nbs/12_viz.ipynb #b4ba2567

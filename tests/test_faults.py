@@ -252,3 +252,44 @@ def test_reproduce_redoes_a_notebook_whose_stage_output_was_deleted(tmp_path, mo
     assert (run/"tables"/"faithfulness.csv").exists()
     rc, out, err = run_main("reproduce", "--out", run, "--notebooks", exp, "--no-site")
     assert rc == 0 and "05_faithfulness.ipynb: skipped" in out and "note:" not in err, (out, err)
+
+
+def test_a_failed_force_leaves_the_recorded_profile(run):
+    before = read_json(run/"manifest.json")["profile"]
+    rc, out, err = mp("sample", "--out", run, "--set", "n_generated=0", "--force")
+    assert rc != 0 and "Traceback" not in err, err
+    assert read_json(run/"manifest.json")["profile"] == before       # the settings change only when a command succeeds
+    rc, out, err = mp("data", "--out", run)                           # and the run goes on as before, no --force needed
+    assert rc == 0 and "data: skipped" in out, err
+    rc, out, err = mp("data", "--out", run, "--set", "val_fraction=0.3", "--force")
+    assert rc == 0 and read_json(run/"manifest.json")["profile"]["data"]["val_fraction"] == 0.3, err   # succeeded: recorded
+
+
+def test_sigterm_ends_the_command_and_every_process_it_started(tmp_path):
+    "`reproduce` killed with SIGTERM while a notebook runs: exit 130 in one line, its kernel (and anything the kernel started) gone, lock released."
+    import psutil, time
+    nbs = tmp_path/"nbs"; nbs.mkdir()
+    import nbformat
+    nb = nbformat.v4.new_notebook(metadata=dict(kernelspec=dict(name="python3", display_name="Python 3", language="python")))
+    nb.cells = [nbformat.v4.new_code_cell('profile = ""\nrun_dir = ""\ndata = ""\ndiffusion = ""\noverrides = "{}"\nforce = False',
+                                          metadata=dict(tags=["parameters"])),
+                nbformat.v4.new_code_cell("import subprocess, time\n"           # a grandchild in a session of its own, as Chromium is
+                                          "subprocess.Popen(['sleep', '300'], start_new_session=True)\ntime.sleep(300)")]
+    nbformat.write(nb, nbs/"01_sleep.ipynb")
+    p = subprocess.Popen([EXE, "reproduce", "--profile", "smoke", "--out", str(tmp_path/"r"), "--notebooks", str(nbs), "--no-site"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    me, seen, t0 = psutil.Process(p.pid), set(), time.time()
+    while time.time() - t0 < 240:          # wait for the kernel's sleeping grandchild
+        try: kids = me.children(recursive=True)
+        except psutil.NoSuchProcess: break
+        seen |= {k.pid for k in kids}
+        if any(k.name() == "sleep" for k in kids if k.is_running()): break
+        time.sleep(0.5)
+    assert any(psutil.Process(k).name() == "sleep" for k in seen if psutil.pid_exists(k)), "the notebook never started"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    time.sleep(0.5)
+    left = [k for k in seen if psutil.pid_exists(k) and psutil.Process(k).status() != psutil.STATUS_ZOMBIE]
+    assert left == [], f"still running after the command ended: {[psutil.Process(k).cmdline() for k in left]}"
+    assert not lock_owner(tmp_path/"r")

@@ -108,3 +108,47 @@ def test_small_n_is_not_shown():
     assert format_ci(0.61234, 0.70111, n=MIN_UNITS) == "[0.612, 0.701]"
     assert format_ci(1234.5, 1299.9, n=50) == "[1230, 1300]" and format_ci(0.000123456, 0.0456, n=50) == "[0.000123, 0.0456]"
     assert format_ci(np.nan, 0.7, n=50) == ""
+
+
+# ---------------------------------------------------------------- numbers for reading (issue 19)
+
+from mri_protodiff.stats import format_number, markdown_table, write_table, ZERO_BELOW
+
+import re
+LONG_ZEROS = re.compile(r"0\.0{6,}")   # the look of -0.00000000000000001110
+
+
+def test_tiny_numbers_read_as_zero_or_scientific():
+    "1.1e-17 reads '1.1e-17' alone and '0' beside numbers of size 0.1; never '-0.00000000000000001110'."
+    assert format_number(1.1e-17) == "1.1e-17" and format_number(-1.11e-17) == "-1.11e-17"
+    assert format_number(1.1e-17, scale=0.1) == "0" and format_number(-1.11e-17, scale=0.5) == "0"
+    assert format_number(2e-13, scale=0.1) == "2e-13"                       # above ZERO_BELOW x scale: kept
+    assert format_number(0.123456) == "0.1235" and format_number(12345.678) == "12346" and format_number(30.0) == "30"
+    assert format_number(-0.0) == "0" and format_number(np.nan) == "" and format_number(3.2e7) == "3.2e+7"
+    # mean +- SD: the mean that is rounding noise reads 0 at the SD's precision (the old output was 20 decimals long)
+    assert format_mean_sd(-1.11e-17, 0.3) == "0.0000 ± 0.3000"
+    assert format_mean_sd(-1.11e-17, np.nan, scale=0.37) == "0.0000"
+    assert format_mean_sd(-1.11e-17, np.nan) == "-1.110e-17"
+    assert format_mean_sd(0.0012, 0.3) == "0.0012 ± 0.3000" and format_mean_sd(1.2e-5, 3e-6) == "(1.200 ± 0.300)e-5"
+    assert format_ci(-1.11e-17, 0.31, n=50) == "[0, 0.31]" and format_ci(-2.1e-7, 3.4e-7, n=50) == "[-2.1e-7, 3.4e-7]"
+    for s in (format_mean_sd(-1.11e-17, 0.3), format_mean_sd(-1.11e-17, np.nan), format_ci(-1.11e-17, 0.31, n=50),
+              format_ci(-1e-17, 1e-17, n=50)):
+        assert not LONG_ZEROS.search(s), s
+
+
+def test_markdown_table_rounds_for_reading_and_the_csv_keeps_full_precision(tmp_path):
+    "Every column through format_number with its column as the scale; p-values keep tiny values; the CSV is untouched."
+    t = pd.DataFrame({"metric": ["a", "b", "c"], "measure": ["x", "y", "z"], "mean": [0.3123456, -1.11e-17, 0.25],
+                      "difference": [1.1e-17, 0.2, -0.3], "p_holm": [1e-15, 0.5, 0.04], "p vs trained": [2e-20, 0.9, 0.01],
+                      "n": [30.0, 30.0, np.nan]})
+    md = markdown_table(t)
+    rows = [r.split(" | ") for r in md.splitlines()[2:]]
+    assert rows[0][2:6] == ["0.3123", "0", "1e-15", "2e-20"] and rows[1][2:4] == ["0", "0.2"]
+    assert md.splitlines()[4].endswith("| 0.01 |  |")                        # NaN: an empty cell
+    assert not LONG_ZEROS.search(md) and "e-17" not in md
+    assert markdown_table(t, ".3g").splitlines()[2].split(" | ")[2] == "0.312"
+    p = write_table(t, tmp_path/"t.csv", "T")
+    back = pd.read_csv(p)
+    assert back["mean"].iloc[1] == -1.11e-17 and back["mean"].iloc[0] == 0.3123456     # full precision in the CSV
+    assert "| a | x | 0.3123 | 0 | 1e-15 | 2e-20 | 30 |" in (tmp_path/"t.md").read_text()
+    assert ZERO_BELOW == 1e-12

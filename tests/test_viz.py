@@ -57,7 +57,7 @@ def test_trajectory_figure_rows_columns_and_data():
         np.testing.assert_allclose(fig.data[3*c].z, xt[c, 0]); np.testing.assert_allclose(fig.data[3*c + 2].z, nm[c])
     assert fig.data[2].zmin == 0 and fig.data[2].zmax == 1 and fig.data[0].zmin == -1
     assert [fig.layout[f"yaxis{'' if r == 0 else r*T + 1}"].title.text for r in range(3)] == \
-        ["x_t (noisy latent)", "x̂₀ (clean estimate)", "noise map |ε̂|"]
+        ["x_t<br>(noisy latent)", "x̂₀<br>(clean estimate)", "noise map |ε̂|"]     # two lines: they fit a scaled-down row
     assert sum(bool(t.showscale) for t in fig.data) == 2
     class Traj:  # a trajectory.Trajectory-like object
         timesteps, x_t, x0_hat, noise_map = ts, xt, x0, nm
@@ -88,7 +88,9 @@ def test_bar_with_ci_error_bars_groups_reference():
     assert fig.layout.yaxis.title.text == "r (Pearson)" and fig.layout.xaxis.title.text == "explainer"
     assert "CI" in fig.layout.title.text
     g = viz.bar_with_ci(pd.concat([df.assign(seed=0), df.assign(seed=1)]), by="seed", reference=None)
-    assert len(g.data) == 2 and g.layout.barmode == "group"
+    bars = [t for t in g.data if t.showlegend is False]                       # + one grey legend key per seed
+    assert len(bars) == 2 and len(g.data) == 4 and g.layout.barmode == "group"
+    assert list(bars[0].marker.color) == [viz.METHOD_COLORS["ppnet"], viz.METHOD_COLORS["eppnet"]]
     assert viz.bar_with_ci(df, lo=None, hi=None).data[0].error_y.array is None
 
 
@@ -134,6 +136,7 @@ def test_save_figure_html_and_png(tmp_path):
     assert time.perf_counter() - t0 < 5 and r2["png"].exists()
     r3 = viz.save_figure(fig, tmp_path, "selfcontained", png=False, include_plotlyjs=True)
     assert r3["png"] is None and "* plotly.js v" in r3["html"].read_text()
+    assert 'href="bar.png"' in html and 'href="png"' not in r3["html"].read_text()   # the page links its PNG when there is one
 
 
 def test_save_figure_without_browser(no_browser, tmp_path):
@@ -216,3 +219,163 @@ def test_influence_explorer_minimal_inputs():
     ie.image.value = "g2"; np.testing.assert_allclose(ie.figure.data[0].z, np.ones((8, 8)))
     with pytest.raises(ValueError, match="empty"): viz.influence_explorer(tab.iloc[:0], np.zeros((1, 1, 8, 8)), train)
     with pytest.raises(ValueError, match="topk"): viz.influence_explorer(tab, np.zeros((1, 1, 8, 8)), train, topk=0)
+
+
+# ---------------------------------------------------------------- tables and figures fit for a paper (issue 19)
+
+import colorsys, itertools, re, subprocess, json
+
+
+def _hsv(hex_color):
+    h = hex_color.lstrip("#"); return colorsys.rgb_to_hsv(*(int(h[i:i + 2], 16)/255 for i in (0, 2, 4)))
+
+
+def _hue_gap(a, b):
+    "Distance of two hues on the colour circle (0..0.5)."
+    d = abs(a - b) % 1; return min(d, 1 - d)
+
+
+def test_one_colour_per_method_in_every_figure():
+    "PPNet, EPPNet and ProtoPool have one colour each in the histogram, the bars, the lines and the faceted lines."
+    methods = ("ppnet", "eppnet", "protopool")
+    hist = viz.nis_histogram(pd.DataFrame({"method": np.repeat(methods, 10), "nis": rng.uniform(0, 1, 30)}))
+    bars = viz.bar_with_ci(pd.DataFrame({"method": methods, "faithfulness": [.1, .2, .3], "ci_low": [0, .1, .2], "ci_high": [.2, .3, .4]}))
+    long = pd.DataFrame([dict(method=m, variant=v, timestep=t, faithfulness=.1, ci_low=0., ci_high=.2)
+                         for m in methods for v in ("trained", "shuffled NIS", "randomised explainer") for t in (600, 200)])
+    lines = viz.line_with_band(long[long.variant == "trained"])
+    facets = viz.line_with_band(long, by="variant", facet="method")
+    grouped = viz.bar_with_ci(long[long.timestep == 600].rename(columns={"faithfulness": "f"}), y="f", by="variant")
+    seen = {m: set() for m in methods}
+    for i, m in enumerate(methods):
+        seen[m].add(hist.data[i].marker.color)
+        seen[m].add(bars.data[0].marker.color[i])
+        seen[m].add(next(t.line.color for t in lines.data if t.name == viz.method_label(m)))
+        seen[m].add(next(t.line.color for t in facets.data if t.xaxis == ("x" if i == 0 else f"x{i + 1}") and t.name == "trained"
+                         and t.x[0] is not None))
+        seen[m].add(next(t for t in grouped.data if t.showlegend is False and t.legendgroup == "trained").marker.color[i])
+    for m in methods: assert seen[m] == {viz.METHOD_COLORS[m]}, (m, seen[m])
+    assert len({viz.METHOD_COLORS[m] for m in methods}) == 3
+    # the ground-truth figure's methods: a full-support NIS is a darker PPNet, the baselines have colours of their own
+    assert _hue_gap(_hsv(viz.method_color("ppnet_full"))[0], _hsv(viz.METHOD_COLORS["ppnet"])[0]) < 0.01
+    assert len({viz.method_color(m) for m in ("trak", "pixel_nn", "feature_nn", "random", "paper", *methods)}) == 8
+
+
+def test_controls_are_in_their_methods_colour_family():
+    "A sanity control is the method's hue, lighter, and dashed (hatched as a bar); never an unrelated colour."
+    for m in ("ppnet", "eppnet", "protopool"):
+        base = _hsv(viz.METHOD_COLORS[m])
+        for v, dash, pattern in (("shuffled NIS", "dash", "/"), ("randomised explainer", "dot", "x"), ("random saliency", "dashdot", ".")):
+            st = viz.series_style(m, variant=v)
+            h, sat, val = _hsv(st["color"])
+            assert _hue_gap(h, base[0]) < 0.01 and sat < base[1] and val >= base[2] - 1e-9, (m, v)
+            assert (st["dash"], st["pattern"]) == (dash, pattern)
+            assert viz.series_style(f"{viz.method_label(m)}: {v}")["color"] == st["color"]   # the same from a series name
+    assert viz.method_color("not a method", 0) in viz.OTHER_COLORS and not set(viz.OTHER_COLORS) & set(viz.METHOD_COLORS.values())
+
+
+def test_faithfulness_timesteps_is_small_multiples():
+    "Nine series (3 explainers x trained + 2 controls): one panel per explainer, a three-entry legend, bands on the trained lines only."
+    long = pd.DataFrame([dict(method=m, variant=v, timestep=t, mean=rng.normal(), ci95_low=-1., ci95_high=1.)
+                         for m in ("ppnet", "eppnet", "protopool") for v in ("trained", "shuffled NIS", "randomised explainer")
+                         for t in (775, 555, 115)])
+    fig = viz.line_with_band(long, y="mean", lo="ci95_low", hi="ci95_high", by="variant", facet="method")
+    lines = [t for t in fig.data if t.fill != "toself" and t.x[0] is not None]
+    assert len(lines) == 9 and sorted({t.xaxis for t in lines}) == ["x", "x2", "x3"]
+    for ax, m in (("x", "ppnet"), ("x2", "eppnet"), ("x3", "protopool")):
+        panel = [t for t in lines if t.xaxis == ax]
+        assert [t.line.color for t in panel] == [viz.series_style(m, variant=v)["color"] for v in ("trained", "shuffled NIS", "randomised explainer")]
+    legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert legend == ["trained", "shuffled NIS", "randomised explainer"]
+    assert [t.fill for t in fig.data].count("toself") == 3 and fig.layout.legend.orientation == "h"
+    assert (fig.layout.yaxis2.matches, fig.layout.xaxis3.matches) == ("y", "x")         # shared axes: the panels compare
+    assert [a.text for a in fig.layout.annotations if "PPNet" in a.text]
+    with pytest.raises(ValueError, match="no column"): viz.line_with_band(long, facet="seed")
+
+
+def _seen_lab(hex_color, opacity, background):
+    from skimage.color import rgb2lab
+    c = np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)])/255
+    return rgb2lab((opacity*c + (1 - opacity)*background)[None, None])[0, 0]
+
+
+def test_label_colours_are_distinguishable():
+    "Over dark and mid-grey tissue at the overlay's opacity every pair of mask labels differs by CIEDE2000 >= 18 (body/lung >= 30)."
+    from skimage.color import deltaE_ciede2000
+    from mri_protodiff.phantom import LABELS
+    names = [n for n in LABELS if n != "background"]
+    cols = {n: viz.label_color(k, n) for k, n in enumerate(LABELS) if k}
+    assert len(set(cols.values())) == len(names)
+    def de(a, b): return min(deltaE_ciede2000(_seen_lab(cols[a], viz.MASK_OPACITY, bg), _seen_lab(cols[b], viz.MASK_OPACITY, bg))
+                             for bg in (0.05, 0.5))
+    worst = min(de(a, b) for a, b in itertools.combinations(names, 2))
+    assert worst >= 18, worst
+    assert de("body", "lung") >= 30
+    # and the grid uses them, with a legend even for a single label
+    masks = np.zeros((2, 8, 8), np.uint8); masks[:, 2:5, 2:5] = LABELS.index("lung")
+    fig = viz.image_grid(rng.uniform(-1, 1, (2, 1, 8, 8)), masks, label_names=LABELS)
+    key = [t for t in fig.data if t.type == "scatter"]
+    assert [t.name for t in key] == ["lung"] and key[0].marker.color == cols["lung"] and fig.layout.showlegend
+
+
+def test_training_curve_log_ticks_are_few():
+    "A loss over 1.3 decades gets ticks at 1-2-5 (4 labels), not plotly's 16 digit labels; wider ranges get powers of ten."
+    loss = pd.DataFrame({"step": np.arange(40), "loss": np.geomspace(1.1, 0.055, 40)})
+    fig = viz.training_curve(loss, smooth=0.9)
+    assert list(fig.layout.yaxis.tickvals) == [0.1, 0.2, 0.5, 1.0] and list(fig.layout.yaxis.ticktext) == ["0.1", "0.2", "0.5", "1"]
+    assert viz.log_ticks(3e-5, 2.0) == [1e-4, 1e-3, 1e-2, 0.1, 1.0]
+    assert len(viz.log_ticks(0.31, 0.38)) >= 2
+
+
+def test_wrapped_titles_fit_their_figure():
+    t = "Denoiser spatial sensitivity over the trajectory: Spearman(NIS share, 1-SSIM (region)) (mean, 95% CI)"
+    fig = viz.line_with_band(pd.DataFrame(dict(method="ppnet", timestep=[1, 2], faithfulness=[0, 1], ci_low=0, ci_high=1)), title=t)
+    lines = fig.layout.title.text.split("<br>")
+    assert len(lines) == 2 and " ".join(lines) == t and max(map(len, lines))*9 <= fig.layout.width
+
+
+def test_figure_html_resizes_to_the_page_and_the_page_has_a_title_and_a_way_back(no_browser, tmp_path):
+    "The HTML drops the fixed width (autosize + responsive), keeps the proportions; the page has <title>, <h1> and a relative back link."
+    imgs = rng.uniform(-1, 1, (12, 1, 16, 16))
+    fig = viz.image_grid(imgs, ncols=12, title="12 prototypes", panel_px=115)       # 1460 px wide: wider than a 1280 px page
+    assert fig.layout.width > 1280
+    frag = viz.figure_html(fig, include_plotlyjs=False)
+    spec = json.loads(re.search(r"Plotly\.newPlot\(\s*\"[^\"]+\",\s*(\[.*\]),\s*(\{.*\}),\s*(\{.*\})\s*\)", frag, re.S).group(2))
+    assert "width" not in spec and "height" not in spec and spec.get("autosize") is True
+    assert f"max-width:{fig.layout.width}px;aspect-ratio:{fig.layout.width}/{fig.layout.height}" in frag
+    assert '"responsive": true' in frag
+    r = viz.save_figure(fig, tmp_path, "prototypes_ppnet", png=False)
+    page = r["html"].read_text()
+    assert "<title>12 prototypes</title>" in page and "<h1>12 prototypes</h1>" in page
+    assert '<a href="../index.html">' in page and page.startswith("<!DOCTYPE html>")
+    assert '<script src="plotly.min.js"' in page and "cdn.plot.ly" not in page
+    assert '<a href="' not in viz.figure_page(fig, back=None)
+    assert fig.layout.width == 1460          # the figure itself (and so its PNG) keeps its design size
+
+
+@pytest.mark.skipif(not HAVE_BROWSER, reason="needs a Chromium-family browser (apt-get install -y chromium)")
+@pytest.mark.parametrize("window", [1280, 2000])
+def test_wide_figure_page_fits_the_window_in_chromium(tmp_path, window):
+    "Headless Chromium: the 12-column grid's page has no horizontal overflow at 1280 px; at 2000 px it is drawn at its design width."
+    fig = viz.image_grid(rng.uniform(-1, 1, (12, 1, 16, 16)), ncols=12, title="12 prototypes", panel_px=115)
+    r = viz.save_figure(fig, tmp_path, "wide", png=False)
+    probe = r["html"].parent/"probe.html"
+    probe.write_text(r["html"].read_text().replace("</body>", """<script>
+setTimeout(function(){var g=document.querySelector('.plotly-graph-div'), s=g.querySelector('svg.main-svg');
+document.body.setAttribute('data-probe', JSON.stringify({scroll: document.documentElement.scrollWidth, client: document.documentElement.clientWidth,
+ svg: s ? s.getBoundingClientRect().width : -1, svgh: s ? s.getBoundingClientRect().height : -1}));}, 1500);</script></body>"""))
+    out = subprocess.run([viz.find_browser(), "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={window},900",
+                          "--virtual-time-budget=8000", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r"data-probe=\"([^\"]+)\"", out.stdout)
+    assert m, out.stderr[-2000:]
+    p = json.loads(m.group(1).replace("&quot;", '"'))
+    assert p["scroll"] <= p["client"], p                       # no horizontal scrollbar
+    assert 0 < p["svg"] <= p["client"], p
+    if window == 2000: assert p["svg"] == pytest.approx(fig.layout.width, abs=2)
+    else: assert p["svgh"] == pytest.approx(p["svg"] * fig.layout.height / fig.layout.width, rel=0.03)   # proportions kept
+
+
+def test_histogram_keeps_the_largest_value():
+    "plotly's bins are half-open: the largest value (here every value of PPNet: an LDS of +1) must still fall in the last bin."
+    fig = viz.nis_histogram({"ppnet": [1.0, 1.0, 1.0], "eppnet": [-1.0, 1.0, 0.2]}, nbins=20)
+    b = fig.data[0].xbins
+    assert b.start == -1.0 and int((1.0 - b.start) // b.size) == 19 and b.start + 20*b.size == pytest.approx(b.end)
