@@ -216,24 +216,31 @@ def _cmd_reproduce(args) -> int:
 
 def add_site_command(sub) -> None:
     "Add `site` (chapter `reproduce`)."
-    p = sub.add_parser("site", help="build the website of a run (library chapters + executed notebooks)",
-                       description="Render the library chapters and the run's executed experiment notebooks as a "
-                                   "website in RUN/site/: with Quarto when `quarto` is on the PATH, else with an "
-                                   "nbconvert HTML fallback.  Says which builder it used.")
+    p = sub.add_parser("site", help="build the website of a run (landing page, experiment notebooks, library chapters, API)",
+                       description="Build the website of a run in RUN/site/: a landing page with the paper's results, the "
+                                   "run's executed experiment notebooks, the library chapters (executed once per change, "
+                                   "then read from a cache) and an API reference; with Quarto when `quarto` is on the "
+                                   "PATH, else with Sphinx + MyST-NB.  Says which builder it used and what it could not show.")
     p.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
-    p.add_argument("--builder", choices=("auto", "quarto", "nbconvert"), default="auto",
-                   help="auto (default): Quarto if it is on the PATH, else nbconvert")
+    p.add_argument("--builder", choices=("auto", "quarto", "sphinx"), default="auto",
+                   help="auto (default): Quarto if it is on the PATH, else Sphinx")
     p.add_argument("--library", default=None, metavar="DIR", help="folder of library chapters (default: nbs/ of this repository)")
-    p.add_argument("--execute-library", action="store_true", help="execute the library chapters before rendering (slow)")
+    p.add_argument("--execute-library", action=argparse.BooleanOptionalAction, default=True,
+                   help="show the library chapters executed (default): each is executed after it or the library changed "
+                        "(minutes), else read from the cache; --no-execute-library shows them without outputs")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="folder of executed chapters (default: $MRI_PROTODIFF_SITE_CACHE, else ~/.cache/mri_protodiff/site)")
     add_debug_arg(p)
     p.set_defaults(func=_cmd_site)
 
 def _cmd_site(args) -> int:
     if not (Path(args.out)/"manifest.json").exists():
         raise FileNotFoundError(f"{args.out}: not a run directory (no manifest.json); run `mri-protodiff reproduce --out {args.out}` first")
-    from mri_protodiff.reproduce import build_site   # must be lazy: nbconvert and the pipeline take seconds to import
-    res = build_site(args.out, args.library, args.builder, args.execute_library)
+    from mri_protodiff.reproduce import build_site, problems_note   # must be lazy: Sphinx and the pipeline take seconds to import
+    res = build_site(args.out, args.library, args.builder, args.execute_library, cache=args.cache)
     print(f"site: {res.index} ({len(res.pages)} pages, built with {res.builder})")
+    note = problems_note(res)
+    if note: print(note)
     return 0
 
 # %% ../nbs/17_cli.ipynb #88e7b026

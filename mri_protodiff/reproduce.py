@@ -12,13 +12,16 @@ from typing import Sequence
 import nbformat
 from .core import RunDir, open_run, hash_file, hash_inputs, atomic_write, read_json, _package_dir
 from .pipeline import profile_overrides, LABELS_FILE
-from .viz import PNG_HELP, find_browser
+from .viz import PNG_HELP, find_browser, figure_html, method_label
 
 # %% auto #0
-__all__ = ['OPTIONAL_NOTEBOOKS', 'NOTEBOOK_PARAMETERS', 'QUARTO_HEADER', 'repo_dir', 'experiments_dir', 'list_notebooks',
-           'NotebookError', 'run_notebook', 'notebook_parameters', 'previous_sources', 'reproduce',
-           'figures_without_png', 'figures_note', 'classes_note', 'print_tables', 'clean_notebook', 'notebook_title',
-           'quarto_config', 'write_quarto_yml', 'SitePage', 'SiteResult', 'library_notebooks', 'build_site']
+__all__ = ['OPTIONAL_NOTEBOOKS', 'NOTEBOOK_PARAMETERS', 'LONG_TABLE_ROWS', 'LANDING_SECTIONS', 'QUARTO_HEADER', 'SITE_CSS',
+           'repo_dir', 'experiments_dir', 'list_notebooks', 'NotebookError', 'run_notebook', 'notebook_parameters',
+           'previous_sources', 'reproduce', 'figures_without_png', 'figures_note', 'classes_note', 'print_tables',
+           'progress_text', 'split_stderr', 'clean_notebook', 'notebook_title', 'site_cache_dir', 'executed_chapter',
+           'cell_errors', 'rst_text', 'docments_fields', 'sphinx_setup', 'default_exp', 'api_modules', 'read_figure',
+           'embed_figure', 'provenance', 'quarto_config', 'write_quarto_yml', 'SitePage', 'SiteResult',
+           'library_notebooks', 'sphinx_conf', 'build_site', 'problems_note']
 
 # %% ../nbs/16_reproduce.ipynb #35d4340c
 OPTIONAL_NOTEBOOKS = ("07_groundtruth",)  # experiment notebooks `reproduce` runs only when asked (`--groundtruth`)
@@ -163,6 +166,8 @@ def reproduce(
     if site:
         res = build_site(run)
         print(f"site: {res.index} (built with {res.builder})", file=file)
+        note = problems_note(res)
+        if note: print(note, file=file)
     else:
         print(f"site: not built; run `mri-protodiff site --out {run.root}`", file=file)
     note = figures_note(run, png, left)
@@ -209,30 +214,114 @@ def print_tables(run:RunDir, names:Sequence[str]=("image_quality", "faithfulness
         if p.exists(): print(f"\n== {p} ==\n{p.read_text(encoding='utf-8').rstrip()}\n", file=file or sys.stdout)
 
 # %% ../nbs/16_reproduce.ipynb #c16daa75
+import io, math
 _NBDEV_DIRECTIVE = re.compile(r"^[ \t]*#\|[ \t]*(default_exp|exporti|exports|export|notest|slow)\b.*(\n|$)", re.M)
 _HIDE = re.compile(r"^[ \t]*#\|[ \t]*(hide|include:[ \t]*false)[ \t]*$", re.M)
 _PLOTLY_MIME = "application/vnd.plotly.v1+json"
 _WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+_WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 _PLOTLYJS_MARK = "* plotly.js v"
+# plotly.js as a figure's HTML carries it: the config line, the inlined bundle, or a <script src=...plotly...js>
+_PLOTLYJS_TAGS = re.compile(r"<script[^>]*>\s*window\.PlotlyConfig[^<]*</script>\s*"
+                            r"|<script[^>]*>\s*/\*\*\s*\n\* plotly\.js v.*?</script>\s*"
+                            r"|<script[^>]*\bsrc=\"[^\"]*plotly[^\"]*\.js\"[^>]*>\s*</script>\s*", re.S)
+LONG_TABLE_ROWS = 25   # a table output with more rows than this is folded (shown on a click)
+_WIDGET_NOTE = "<p><em>(an interactive widget: open this notebook in Jupyter to use it)</em></p>"
 
 def _plotly_bundle() -> str:
     from plotly.offline import get_plotlyjs
     return ("<script type=\"text/javascript\">window.PlotlyConfig = {MathJaxConfig: 'local'};</script>\n"
             f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n")
 
-def clean_notebook(nb:nbformat.NotebookNode) -> nbformat.NotebookNode:
-    "A copy of `nb` ready to render offline: nbdev directives and hidden cells removed, plotly figures as HTML with plotly.js once, widgets noted."
+def progress_text(
+    state:dict, # the notebook's saved widget models (`metadata.widgets[...widget-state+json]["state"]`)
+    model_id:str, # the model a widget output shows
+) -> str|None:
+    "The text a tqdm notebook bar (an HBox of HTML, progress bar, HTML) last showed, e.g. `train: 100%|██████████| 40/40 [...]`; None for other widgets."
+    get = lambda i: state.get(str(i).replace("IPY_MODEL_", "")) or {}
+    box = get(model_id)
+    kids = [get(k) for k in (box.get("state") or {}).get("children", [])]
+    names = [k.get("model_name", "") for k in kids]
+    if box.get("model_name") != "HBoxModel" or len(kids) != 3 or names[0] != names[2] != "HTMLModel" \
+            or not names[1].endswith("ProgressModel"): return None
+    text = lambda k: " ".join(_html.unescape(k["state"].get("value") or "").replace("\u2007", " ").split())
+    left, right, bar = text(kids[0]), text(kids[2]), kids[1]["state"]
+    m = re.match(r"(\d+)/(\d+)", right)
+    frac = int(m[1]) / max(int(m[2]), 1) if m else (bar.get("value") or 0) / (bar.get("max") or 1)
+    n = int(10 * min(max(frac, 0.0), 1.0))
+    return f"{left}|{'█' * n}{' ' * (10 - n)}| {right}".strip()
+
+_WARNING_LINE = re.compile(r"^(?:\S.*?:\d+: )?([A-Za-z_]\w*Warning): (.*)$")
+
+def split_stderr(
+    text:str, # what a cell wrote on stderr
+) -> tuple:
+    "The warnings in `text` as (category, message) pairs, once each, and the rest of it (a bar redrawn with `\\r` as its last state)."
+    warns, rest, under_warning = [], [], False
+    for line in text.split("\n"):
+        line = line.rstrip("\r").rsplit("\r", 1)[-1]
+        m = _WARNING_LINE.match(line)
+        if m:
+            if (m[1], m[2]) not in warns: warns.append((m[1], m[2]))
+            under_warning = True; continue
+        if under_warning and line.startswith((" ", "\t")): continue   # the source line Python prints under a warning
+        under_warning = False
+        rest.append(line)
+    return warns, "\n".join(rest).strip("\n")
+
+def _short(text:str, limit:int=160) -> str:
+    "The first sentence of `text`, at most `limit` characters."
+    s = re.split(r"(?<=[.;])\s", text.strip(), maxsplit=1)[0]
+    return s if len(s) <= limit else s[:limit - 1].rstrip() + "…"
+
+def _warning_note(warns:list) -> str:
+    "A short note for a cell's warnings: each one's category and first sentence (the whole message on hover)."
+    items = "".join(f'<div title="{_html.escape(m)}">⚠ <code>{_html.escape(c)}</code>: {_html.escape(_short(m))}</div>' for c, m in warns)
+    return f'<div class="mp-warning" role="note">{items}</div>'
+
+def _fold_long_table(data:dict) -> None:
+    "Fold a table output of more than `LONG_TABLE_ROWS` rows into a <details> element (in place)."
+    import mistune
+    html, md = data.get("text/html"), data.get("text/markdown")
+    if html and "<table" in html:
+        rows = max(html.count("<tr") - 1, 0)
+    elif md and "\n|" in "\n" + md:
+        rows = max(sum(l.lstrip().startswith("|") for l in md.splitlines()) - 2, 0)
+        if rows > LONG_TABLE_ROWS:
+            html = mistune.create_markdown(plugins=["table"], escape=False)(md).replace("<table>", '<table class="table">')
+            data.pop("text/markdown")
+    else: return
+    if rows > LONG_TABLE_ROWS:
+        data["text/html"] = (f'<details class="mp-long-table"><summary>A table of {rows} rows: click to show it</summary>\n'
+                             f'{html}\n</details>')
+
+def clean_notebook(
+    nb:nbformat.NotebookNode, # a notebook (not changed)
+    plotly_src:str|None=None, # the URL pages load plotly.js from (relative to the page); None: inlined once per notebook
+) -> nbformat.NotebookNode:
+    "A copy of `nb` ready to render offline: directives and hidden cells gone, plotly.js once, progress bars as text, warnings as notes, long tables folded."
     import plotly.io as pio
     nb = copy.deepcopy(nb)
-    nb.metadata.pop("widgets", None)
+    state = ((nb.metadata.pop("widgets", None) or {}).get(_WIDGET_STATE) or {}).get("state") or {}
     cells, have_js = [], False
     for c in nb.cells:
         if c.cell_type == "code":
             if _HIDE.search(c.source): continue
             c.source = _NBDEV_DIRECTIVE.sub("", c.source)
             if not c.source.strip() and not c.get("outputs"): continue
+            outs, note, cell_warns = [], None, []
             for o in c.get("outputs", []):
+                if o.get("output_type") == "stream" and o.get("name") == "stderr":
+                    warns, rest = split_stderr("".join(o.get("text", "")))
+                    cell_warns += [w for w in warns if w not in cell_warns]
+                    if warns and note is None: note = nbformat.v4.new_output("display_data", {}); outs.append(note)
+                    if note is not None:      # one note per cell, with each of its warnings once
+                        note.data = {"text/html": _warning_note(cell_warns), "text/plain": "\n".join(f"{k}: {m}" for k, m in cell_warns)}
+                    if rest.strip(): outs.append(nbformat.v4.new_output("stream", name="stdout", text=rest + "\n"))
+                    continue
                 data = o.get("data", {})
+                for k, v in list(data.items()):
+                    if isinstance(v, list) and k.startswith("text/"): data[k] = "".join(v)
                 if _PLOTLY_MIME in data and "text/html" not in data:
                     fig = data[_PLOTLY_MIME]
                     h = (fig.get("layout") or {}).get("height") or 450
@@ -240,13 +329,22 @@ def clean_notebook(nb:nbformat.NotebookNode) -> nbformat.NotebookNode:
                                                     default_width="100%", config={"displaylogo": False, "responsive": True})
                 data.pop(_PLOTLY_MIME, None)
                 if _WIDGET_MIME in data:
-                    data.pop(_WIDGET_MIME)
-                    data["text/html"] = "<p><em>(an interactive widget: open this notebook in Jupyter to use it)</em></p>"
+                    bar = progress_text(state, data.pop(_WIDGET_MIME).get("model_id", ""))
+                    plain = data.get("text/plain", "")
+                    o["data"] = data = ({"text/plain": bar} if bar else {"text/plain": plain} if "it/s]" in plain or "%|" in plain
+                                        else {"text/html": _WIDGET_NOTE})
                 html = data.get("text/html")
-                if isinstance(html, list): html = data["text/html"] = "".join(html)
-                if html and _PLOTLYJS_MARK in html: have_js = True
-                elif html and "Plotly.newPlot" in html and not have_js:
-                    data["text/html"] = _plotly_bundle() + html; have_js = True
+                if html and "Plotly.newPlot" in html:
+                    if plotly_src is not None:
+                        html = _PLOTLYJS_TAGS.sub("", html)
+                        if not have_js: html = f'<script src="{plotly_src}" charset="utf-8"></script>\n' + html
+                        have_js = True
+                    elif _PLOTLYJS_MARK in html: have_js = True
+                    elif not have_js: html = _plotly_bundle() + html; have_js = True
+                    data["text/html"] = html
+                else: _fold_long_table(data)
+                outs.append(o)
+            c.outputs = outs
         cells.append(c)
     nb.cells = cells
     return nb
@@ -259,12 +357,369 @@ def notebook_title(nb:nbformat.NotebookNode, default:str) -> str:
             if m: return m.group(1).strip()
     return default
 
+# %% ../nbs/16_reproduce.ipynb #4f2e6a11
+def site_cache_dir() -> Path:
+    "Where executed library chapters are kept: `$MRI_PROTODIFF_SITE_CACHE`, else `$XDG_CACHE_HOME/mri_protodiff/site` (default `~/.cache/...`)."
+    env = os.environ.get("MRI_PROTODIFF_SITE_CACHE")
+    if env: return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home()/".cache")/"mri_protodiff"/"site"
+
+def _execute(nb, cwd:Path, timeout:int):
+    "Run every cell of `nb` (in place), in folder `cwd`; a cell's error stays in its outputs."
+    from nbclient import NotebookClient
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(cwd)}},
+                   extra_arguments=["--IPKernelApp.log_level=ERROR"]).execute()   # not its "running over TCP" warning
+    return nb
+
+def _chapter_cache_path(path:Path, cache:Path) -> Path:
+    return cache/f"{path.stem}-{hash_inputs({'notebook': hash_file(path), 'code': _code_hash()})[:16]}.ipynb"
+
+def executed_chapter(
+    path:str|Path, # a library chapter
+    cache:str|Path|None=None, # folder of executed chapters (default `site_cache_dir()`)
+    timeout:int=600, # seconds per cell
+) -> tuple:
+    "(the chapter executed, whether it came from the cache); the cache key is the chapter's bytes and the library's code."
+    path = Path(path); cache = Path(cache) if cache else site_cache_dir()
+    hit = _chapter_cache_path(path, cache)
+    if hit.is_file():
+        try: return nbformat.read(hit, as_version=4), True
+        except Exception: pass                      # a damaged entry: execute again
+    nb = _execute(nbformat.read(path, as_version=4), path.parent, timeout)
+    for old in cache.glob(f"{path.stem}-*.ipynb"): old.unlink(missing_ok=True)   # the chapter's older versions
+    atomic_write(hit, nbformat.writes(nb))
+    return nb, False
+
+def cell_errors(nb:nbformat.NotebookNode) -> list[str]:
+    "'cell N: Error: message' for each code cell of an executed notebook that raised."
+    return [f"cell {i}: {o.get('ename')}: {o.get('evalue')}" for i, c in enumerate(nb.cells) if c.cell_type == "code"
+            for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+# %% ../nbs/16_reproduce.ipynb #4f2e6a15
+_CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+
+def rst_text(
+    s:str, # a line of a docstring or docment, written as markdown (`code`, |x|, a*b)
+) -> str:
+    "`s` as reST: code spans as literals, the characters reST reads as markup (`*`, `|`, a word's trailing `_`) escaped."
+    esc = lambda x: re.sub(r"(?<=\w)_(?=\W|$)", r"\\_", x.replace("\\", "\\\\").replace("*", "\\*").replace("|", "\\|").replace("`", "\\`"))
+    out, last = [], 0
+    for m in _CODE_SPAN.finditer(s):
+        before, after = s[:m.start()], s[m.end():]
+        out += [esc(s[last:m.start()]), "\\ " if before[-1:].isalnum() else "", f"``{m[2].strip()}``",
+                "\\ " if after[:1].isalnum() else ""]
+        last = m.end()
+    return "".join(out) + esc(s[last:])
+
+def docments_fields(
+    obj, # a function, method or class
+) -> list[str]:
+    "reST field lines (`:param x: ...`, `:returns: ...`) from the docments of `obj`, for autodoc."
+    from fastcore.docments import docments
+    try: d = docments(obj, full=True, returns=True)
+    except Exception: return []                     # a builtin, or source that cannot be read
+    lines = []
+    for k, v in d.items():
+        doc = " ".join(str(v.get("docment") or "").split())
+        if doc and k != "self": lines.append(f":returns: {rst_text(doc)}" if k == "return" else f":param {k}: {rst_text(doc)}")
+    return lines
+
+def _autodoc_docments(app, what, name, obj, options, lines):
+    "autodoc-process-docstring: docstrings (markdown) as reST, and the docments of functions, methods and classes added."
+    lines[:] = [rst_text(l) for l in lines]
+    if what in ("function", "method", "class"):
+        extra = [l for l in docments_fields(obj) if l not in lines]
+        if extra: lines.extend(["", *extra])
+
+def sphinx_setup(app):
+    "The `setup` of the site's `conf.py`: docments in the API reference."
+    app.connect("autodoc-process-docstring", _autodoc_docments)
+    return {"parallel_read_safe": True}
+
+def default_exp(
+    path:Path, # a library chapter
+) -> str|None:
+    "The module a chapter exports to (its `#| default_exp` line), or None."
+    for c in nbformat.read(path, as_version=4).cells:
+        m = re.search(r"^#\|\s*default_exp\s+([\w.]+)", c.source, re.M) if c.cell_type == "code" else None
+        if m: return m[1]
+    return None
+
+def api_modules(
+    library:list, # the library chapters (their order is the order of the modules)
+) -> list[str]:
+    "The package's modules with an `__all__`: those of the library chapters in their order (`#| default_exp`), then the rest by name."
+    import importlib, pkgutil
+    import mri_protodiff
+    order = [m for m in map(default_exp, library) if m]
+    names = [m.name for m in pkgutil.iter_modules(mri_protodiff.__path__) if not m.name.startswith("_")]
+    found = [n for n in order if n in names] + sorted(n for n in names if n not in order)
+    return [n for n in found if getattr(importlib.import_module(f"mri_protodiff.{n}"), "__all__", None)]
+
+# %% ../nbs/16_reproduce.ipynb #4f2e6a18
+def read_figure(
+    path:str|Path, # a figure's HTML file (`viz.save_figure`)
+) -> dict|None:
+    "The plotly figure in a saved HTML file as {'data', 'layout'} (the arguments of its `Plotly.newPlot` call), or None."
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    i = text.find("Plotly.newPlot(")
+    if i < 0: return None
+    dec, j, args = json.JSONDecoder(), i + len("Plotly.newPlot("), []
+    try:
+        for _ in range(3):
+            while text[j] in " \t\r\n,": j += 1
+            v, j = dec.raw_decode(text, j); args.append(v)
+    except (ValueError, IndexError): return None
+    if not (isinstance(args[1], list) and isinstance(args[2], dict)): return None
+    layout = args[2]
+    if not layout.get("height"):     # drawn to the page's width (`viz.figure_html`): the design size is in its box's style
+        box = re.search(r"max-width:\s*(\d+)px;\s*aspect-ratio:\s*(\d+)\s*/\s*(\d+)", text[:i])
+        hbox = re.search(r"class=\"mp-figure\"[^>]*?height:\s*(\d+)px", text[:i])
+        if box: layout = {**layout, "width": int(box[2]), "height": int(box[3])}
+        elif hbox: layout = {**layout, "height": int(hbox[1])}
+    return {"data": args[1], "layout": layout}
+
+def embed_figure(
+    path:str|Path, # a figure's HTML file
+    plotly_src:str|None=None, # load plotly.js from here first (the first figure of a page); None: the page has it
+    max_height:int|None=None, # draw it no taller than this (pixels), its proportions kept
+) -> str|None:
+    "HTML drawing a saved figure at the page's width (`viz.figure_html`), or None if the file holds no figure."
+    import plotly.io as pio
+    fig = read_figure(path)
+    if fig is None: return None
+    js = f'<script src="{plotly_src}" charset="utf-8"></script>\n' if plotly_src else ""
+    html = figure_html(pio.from_json(json.dumps(fig), skip_invalid=True), include_plotlyjs=False)
+    m = re.search(r'class="plotly-graph-div"', html) and re.search(r'id="([0-9a-f-]{36})"', html)
+    if m: html = html.replace(m[1], "mp-fig-" + re.sub(r"\W", "-", Path(path).stem))   # the same page from the same figure
+    w, h = fig["layout"].get("width"), fig["layout"].get("height")
+    if max_height and w and h and h > max_height:   # a narrower box: the aspect-ratio box then makes it max_height tall
+        html = html.replace(f"max-width:{w}px", f"max-width:{round(w * max_height / h)}px", 1)
+    return js + html
+
+# %% ../nbs/16_reproduce.ipynb #4f2e6a1a
+def _csv(run:RunDir, name:str):
+    "tables/<name>.csv as a DataFrame, or None."
+    import pandas as pd
+    p = run/"tables"/f"{name}.csv"
+    return pd.read_csv(p) if p.is_file() else None
+
+def _cell(v) -> str:
+    "A table cell: numbers to 4 significant digits, missing values empty, 'unavailable: why' as 'unavailable', pipes escaped."
+    if v is None or (isinstance(v, float) and math.isnan(v)): return ""
+    if isinstance(v, float): return f"{v:.4g}"
+    v = str(v)
+    if v.startswith("unavailable:"): return "unavailable"
+    return v.replace("|", "\\|").replace("\n", " ")
+
+def _md_table(rows:list) -> str:
+    "A markdown table of a list of dicts (the first row's keys are the columns)."
+    if not rows: return ""
+    cols = list(rows[0])
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                     + ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows])
+
+def _num(v) -> float|None:
+    try: v = float(v)
+    except (TypeError, ValueError): return None
+    return None if math.isnan(v) else v
+
+def _g(v, d:int=3) -> str:
+    "A number to `d` significant digits."
+    return f"{v:.{d}g}" if v is not None else "?"
+
+def _first_table(text:str) -> str|None:
+    "The first markdown pipe table in `text`."
+    m = re.search(r"(^\|.*\|[ \t]*\n?)+", text, re.M)
+    return m[0].strip() if m else None
+
+def _quality_alone(run):
+    "The image-quality section from tables/image_quality.* alone (before experiment 6 has compared it with the paper)."
+    iq, md = _csv(run, "image_quality"), run/"tables"/"image_quality.md"
+    reading = "Generated vs real test slices paired by label map (experiment 6 has not yet set them beside the paper's)."
+    if iq is not None and {"metric", "value"} <= set(iq):
+        rows = iq[iq["scaling"] == "paper"] if "scaling" in iq else iq
+        cols = [c for c in ("metric", "variant", "value", "n", "ci95_low", "ci95_high", "paper_reference") if c in rows]
+        return reading, _md_table([{c: r[c] for c in cols} for _, r in rows.iterrows()]), None
+    table = _first_table(md.read_text(encoding="utf-8")) if md.is_file() else None
+    return (reading, table, None) if table else None
+
+def _quality_section(run):
+    pc = _csv(run, "paper_comparison")
+    if pc is None or "quantity" not in pc: return _quality_alone(run)
+    q = pc[pc["quantity"].astype(str).str.startswith("image quality")]
+    if q.empty: return _quality_alone(run)
+    rows, said, missing = [], [], {}
+    for _, r in q.iterrows():
+        metric = str(r["quantity"]).split(": ", 1)[-1]
+        ci = r.get("ours_package_definition_ci95")
+        rows.append({"metric": metric, "ours, paper's protocol": r.get("ours_paper_definition"),
+                     "ours, fixed range [95% CI]": " ".join(_cell(x) for x in (r.get("ours_package_definition"), ci) if _cell(x)),
+                     "real vs real": str(r.get("sanity_or_baseline") or "").split(": ", 1)[-1] if _cell(r.get("sanity_or_baseline")) else "",
+                     "paper": r.get("paper_reported")})
+        ours, paper = _num(r.get("ours_paper_definition_mean")), _num(r.get("paper_value"))
+        if ours is not None and paper is not None: said.append(f"{metric} {_g(ours)} here, {_g(paper)} in the paper")
+        why = str(r.get("ours_paper_definition") or "")
+        if why.startswith("unavailable:"): missing[metric] = why.split(":", 1)[1].strip()
+    reading = ("Generated vs real test slices paired by label map, the paper's protocol: " + "; ".join(said) + "."
+               if said else "Generated vs real test slices paired by label map, beside the paper's numbers.")
+    note = "Real vs real: what two real slices of these data reach." + "".join(f" {m}: unavailable, {why}." for m, why in missing.items())
+    return reading, _md_table(rows), None, note
+
+def _trajectory_section(run):
+    figs = sorted((run/"figures").glob("trajectory_[0-9]*.html"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)) \
+        if (run/"figures").is_dir() else []
+    if not figs: return None
+    reading = "From noise (left) to the finished image: x_t, the clean estimate x̂0 and the noise map, as in the paper."
+    conv = _csv(run, "trajectory_convergence")
+    if conv is not None and {"timestep", "rmse_to_final"} <= set(conv):
+        c = conv.sort_values("timestep", ascending=False)
+        close = [int(t) for t, e in zip(c["timestep"], c["rmse_to_final"]) if _num(e) is not None and e <= 0.1]
+        if close: reading += f" The estimate is within RMSE 0.1 of the finished image from t = {close[0]} on."
+    return reading, None, figs[0]
+
+def _nis_section(run):
+    fig = run/"figures"/"nis_histogram.html"
+    if not fig.is_file(): return None
+    reading = "How each explainer's NIS spreads a generated image's influence over the training images."
+    sup = _csv(run, "nis_support")
+    if sup is not None and {"definition", "support", "n_candidates"} <= set(sup):
+        push = sup[sup["definition"].astype(str).str.startswith("push")]
+        if not push.empty:
+            reading += (f" A push NIS can name only the images prototypes were pushed onto: {_g(push['support'].mean(), 2)} "
+                        f"of {_g(push['n_candidates'].max(), 3)} training images per generated image here.")
+    return reading, None, fig
+
+def _faithfulness_section(run):
+    fig = run/"figures"/"faithfulness_ablation.html"
+    f = _csv(run, "faithfulness")
+    table = None
+    if f is not None and {"metric", "measure", "method", "variant", "value"} <= set(f):
+        sel = f[f["metric"].astype(str).str.contains("prototype ablation") & f["measure"].astype(str).str.contains("logit drop")
+                & f["measure"].astype(str).str.contains("top-")]
+        if sel.empty: sel = f[(f["metric"] == f["metric"].iloc[0]) & (f["measure"] == f["measure"].iloc[0])]
+        variants = list(dict.fromkeys(sel["variant"]))
+        rows = []
+        for m, g in sel.groupby("method", sort=False):
+            r = {"method": method_label(m)}
+            for v in variants:
+                x = g[g["variant"] == v]
+                r[v] = x["value"].iloc[0] if len(x) else ""
+            r["n"] = g["n"].iloc[0] if "n" in g else ""
+            rows.append(r)
+        measure = sel["measure"].iloc[0] if len(sel) else ""
+        table = f"{_cell(sel['metric'].iloc[0]) if len(sel) else ''}, {_cell(measure)}:\n\n" + _md_table(rows) if rows else None
+    if table is None and not fig.is_file(): return None
+    reading = ("Spearman, per generated image, between a prototype's NIS share and the drop of the explainer's logit when "
+               "its region is removed: higher means the NIS ranks prototypes by their effect, and a trained explainer "
+               "should beat its shuffled-NIS and randomised controls.")
+    return reading, table, fig if fig.is_file() else None
+
+def _paper_section(run):
+    pc = _csv(run, "paper_comparison")
+    if pc is None or "quantity" not in pc: return None
+    q = pc[pc["quantity"].astype(str) == "faithfulness"]
+    if q.empty: return None
+    rows = [{"explainer": method_label(r.get("explainer")), "paper": r.get("paper_reported"),
+             "ours, paper's definition": r.get("ours_paper_definition"),
+             "ours, the described definition [95% CI]": " ".join(_cell(x) for x in (r.get("ours_package_definition"),
+                                                                                     r.get("ours_package_definition_ci95")) if _cell(x)),
+             "baseline": r.get("sanity_or_baseline")} for _, r in q.iterrows()]
+    reading = ("The paper's faithfulness number is the mean of each generated image's largest softmax NIS, whose floor is "
+               "1/M (the baseline column): read ours against that floor, not against zero; the definition the paper "
+               "describes (a correlation) is the next column.")
+    fig = run/"figures"/"paper_comparison.html"
+    return reading, _md_table(rows), fig if fig.is_file() else None
+
+def _groundtruth_section(run):
+    p = run/"tables"/"groundtruth.md"
+    if not p.is_file(): return None
+    text = p.read_text(encoding="utf-8")
+    table = _first_table(text)
+    finding = re.search(r"^\*\*Finding[^\n]*", text, re.M)
+    question = re.match(r"\s*\*\*(.+?)\*\*", text)
+    reading = ((question[1] + " " if question else "Which method points at the training images that shaped a generated image? ")
+               + "Measured against ground truth: planted copies the model memorised, retraining without the images a "
+                 "method names (counterfactual), and the linear datamodeling score (LDS).")
+    body = "\n\n".join(x for x in (table or "", finding[0].strip() if finding else "") if x)
+    fig = run/"figures"/"groundtruth.html"
+    return reading, body or None, fig if fig.is_file() else None
+
+# the landing page's sections in the paper's order: (heading, the experiment notebook's stem, what it shows)
+LANDING_SECTIONS = (("Image quality", "02_diffusion", _quality_section),
+                    ("The denoising trajectory", "03_trajectory", _trajectory_section),
+                    ("NIS distributions", "05_faithfulness", _nis_section),
+                    ("Faithfulness", "05_faithfulness", _faithfulness_section),
+                    ("Paper comparison", "06_paper", _paper_section),
+                    ("Ground truth", "07_groundtruth", _groundtruth_section))
+
+_PROFILE_NOTE = {"smoke": "tiny models and data: the numbers check that every step runs, not the paper's claims",
+                 "quick": "models and data sized for a CPU, far smaller than the paper's: read each number beside its baseline",
+                 "paper": "the paper's sizes"}
+
+# %% ../nbs/16_reproduce.ipynb #4f2e6a1b
+def _duration(seconds:float) -> str:
+    m, s = divmod(int(round(seconds)), 60); h, m = divmod(m, 60)
+    return f"{h} h {m} min" if h else f"{m} min {s} s" if m else f"{s} s"
+
+def provenance(run:RunDir) -> str:
+    "One paragraph: the run's name, profile, data source, code commit, when it was created and how long its notebooks ran."
+    m = run.manifest; prof = m.get("profile", {}); git = m.get("git", {})
+    nbs = {k: v for k, v in m.get("stages", {}).items() if k.startswith("notebook:") and v.get("status") == "done"}
+    secs = sum(v.get("seconds") or 0 for v in nbs.values())
+    last = max((v.get("ended") or "" for v in nbs.values()), default="")
+    when = lambda s: s.replace("T", " ")[:16] + " UTC" if s else "?"
+    commit = git.get("commit")
+    return (f"Run `{run.root.name}` · profile **{prof.get('name', '?')}** · data `{previous_sources(run)['data']}` · "
+            f"code at commit `{commit[:10] if commit else 'unknown'}`" + (" with uncommitted changes" if git.get("dirty") else "")
+            + f" · created {when(m.get('created'))}"
+            + (f" · its {len(nbs)} experiment notebooks ran {_duration(secs)} in all, the last finished {when(last)}" if nbs else
+               " · no experiment notebook has run yet"))
+
+def _index_markdown(
+    run:RunDir, # the run
+    pages:list, # the site's pages (`SitePage`), for the links to the experiment notebooks
+    builder:str, # says which builder made the site
+    raw:str="myst", # how raw HTML is written: "myst" (Sphinx) or "quarto"
+    plotly_src:str="_static/plotly.min.js", # where the landing page loads plotly.js from
+) -> tuple:
+    "(the landing page as markdown, the problems met while reading the run's tables): the paper's results in its order, then provenance."
+    fence = "```{raw} html" if raw == "myst" else "```{=html}"
+    block = lambda h: f"{fence}\n{h}\n```"
+    exp = {p.source.stem: p for p in pages if p.section == "experiments" and p.source is not None}
+    prof = (run.manifest.get("profile") or {}).get("name", "?")
+    lines = [f"# Results of run `{run.root.name}`", "",
+             f"Dey & Saikia (arXiv 2602.09781) reproduced, profile **{prof}**"
+             + (f" ({_PROFILE_NOTE[prof]})" if prof in _PROFILE_NOTE else "")
+             + "; the paper's results in its order.", ""]
+    problems, js = [], plotly_src
+    for n, (title, stem, section) in enumerate(LANDING_SECTIONS, 1):
+        try: got = section(run)
+        except Exception as e:
+            problems.append(f"landing page, {title}: {type(e).__name__}: {e}"); continue
+        if got is None: continue
+        reading, table, fig, note = (*got, None)[:4]
+        page = exp.get(stem)
+        link = f" [{page.title.split(':')[0]} →]({page.section}/{stem}.ipynb)" if page else ""
+        lines += [f"## {title}", "", reading + link, ""]
+        if table: lines += [table, ""]
+        if note: lines += [block(f'<p class="mp-note">{_html.escape(note)}</p>'), ""]
+        if fig is not None:
+            html = embed_figure(fig, js)
+            if html is None: problems.append(f"landing page, {title}: {fig} holds no plotly figure"); continue
+            js = None
+            lines += [block(f'{html}\n<p class="mp-figlinks"><a href="figures/{fig.stem}.html">the figure on its own page</a>'
+                            + (f' · <a href="figures/{fig.stem}.png">PNG</a>' if fig.with_suffix(".png").exists() else "")
+                            + "</p>"), ""]
+    lines += ["---", "", provenance(run) + f" · site built with {builder}.", ""]
+    return "\n".join(lines), problems
+
 # %% ../nbs/16_reproduce.ipynb #4471b1a9
 QUARTO_HEADER = """\
 # Quarto website of mri_protodiff: the library chapters (nbs/) and the executed experiment notebooks of runs.
 # `mri-protodiff site --out runs/NAME` builds ONE run's site into runs/NAME/site/: with Quarto (when `quarto` is on
 # the PATH) from cleaned copies staged in runs/NAME/site_src/, taking the website, format and theme settings from
-# this file; otherwise with an nbconvert HTML fallback.  `quarto render` here builds _site/ from every run
+# this file; otherwise with Sphinx + MyST-NB.  `quarto render` (or nbdev_docs) here builds _site/ from every run
 # (Quarto then shows nbdev's `#| export` lines as cell attributes; the staged copies have them removed).
 # Written by mri_protodiff.reproduce.write_quarto_yml(); tests/test_site.py checks it matches.
 """
@@ -310,27 +765,10 @@ def _site_config(repo_yml:Path|None, index:str, library:list, experiments:list, 
     return cfg
 
 # %% ../nbs/16_reproduce.ipynb #c1db38eb
-_OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
-{% block html_head_js_requirejs %}{% endblock html_head_js_requirejs %}
-{% block jupyter_widgets %}{% endblock jupyter_widgets %}
-{% block html_head_js_mathjax %}{% endblock html_head_js_mathjax %}
-{% block html_head_js_mermaidjs %}{% endblock html_head_js_mermaidjs %}
-"""
-
-_SIDEBAR_CSS = """<style>
-.mp-sidebar{position:fixed;top:0;left:0;bottom:0;width:230px;overflow-y:auto;padding:12px 14px;box-sizing:border-box;
-  background:#f6f8fa;border-right:1px solid #ddd;font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;z-index:10}
-.mp-sidebar h3{margin:4px 0 10px;font-size:16px} .mp-sidebar h4{margin:14px 0 4px;font-size:12px;text-transform:uppercase;color:#555}
-.mp-sidebar a{display:block;padding:2px 4px;color:#0b5394;text-decoration:none;border-radius:3px}
-.mp-sidebar a:hover{background:#e4ecf5} .mp-sidebar a.mp-current{background:#0b5394;color:#fff}
-.mp-sidebar .mp-builder{margin-top:16px;font-size:11px;color:#777}
-body{padding-left:250px !important}
-</style>"""
-
 @dataclass
 class SitePage:
     "One page of the site."
-    section:str # "home", "library" or "experiments"
+    section:str # "home", "library", "experiments" or "api"
     title:str
     href:str # relative to the site root
     source:Path|None = None
@@ -338,9 +776,12 @@ class SitePage:
 @dataclass
 class SiteResult:
     "What `build_site` made."
-    builder:str # "quarto X.Y.Z" or "nbconvert HTML fallback (...)"
+    builder:str # "quarto X.Y.Z" or "Sphinx X + MyST-NB Y + sphinx-book-theme Z"
     index:Path
     pages:list = field(default_factory=list)
+    problems:list = field(default_factory=list) # what the site could not show as meant, one line each
+    executed:list = field(default_factory=list) # library chapters executed now (not in the cache)
+    problems_file:Path|None = None # where all of `problems` are written
 
 def library_notebooks(library:str|Path|None=None) -> list[Path]:
     "The library chapters: `index.ipynb` first, then `NN_*.ipynb` by name (default folder: the repository's nbs/)."
@@ -353,99 +794,162 @@ def library_notebooks(library:str|Path|None=None) -> list[Path]:
     idx = [library/"index.ipynb"] if (library/"index.ipynb").exists() else []
     return idx + list_notebooks(library, "[0-9]*.ipynb")
 
-def _execute(nb, cwd:Path, timeout:int):
-    from nbclient import NotebookClient
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
-                   resources={"metadata": {"path": str(cwd)}}).execute()
-    return nb
+SITE_CSS = """/* mri_protodiff results site (written by reproduce.build_site) */
+.bd-article:has(.mp-landing) h1 { font-size: 1.9rem; margin-bottom: .3rem; }
+.bd-article:has(.mp-landing) h2 { font-size: 1.3rem; margin: 1.1rem 0 .3rem; }
+.bd-article:has(.mp-landing) p { margin-bottom: .45rem; }
+.bd-article:has(.mp-landing) table { font-size: .85rem; margin-bottom: .4rem; }
+.bd-article:has(.mp-landing) table td, .bd-article:has(.mp-landing) table th { padding: .15rem .5rem; line-height: 1.35; }
+.bd-article:has(.mp-landing) h1 + p { font-size: .9rem; color: var(--pst-color-text-muted); }
+.bd-main .bd-content .bd-article-container:has(.mp-landing) { max-width: 100%; }
+.bd-article:has(.mp-landing) .mp-note { font-size: .8rem; color: var(--pst-color-text-muted); margin-top: -.2rem; }
+@media (min-width: 960px) { .bd-header { display: none; } }  /* its one item, search, is in the sidebar too */
+.mp-figlinks { font-size: .8rem; text-align: right; margin-top: .1rem; }
+details.mp-long-table > summary { cursor: pointer; color: var(--pst-color-link); margin: .3rem 0; }
+.mp-warning { font-size: .8rem; line-height: 1.4; border-left: 3px solid var(--pst-color-warning); padding: .15rem .6rem;
+  background: var(--pst-color-warning-bg); margin: .2rem 0; }
+.cell_output .output { overflow-x: auto; }
+"""
 
-# %% ../nbs/16_reproduce.ipynb #f2ba6268
-def _sidebar(pages:list, current:str, prefix:str, builder:str) -> str:
-    "The fallback's sidebar HTML (links relative to a page `prefix` levels below the root)."
-    up = "../" * prefix
-    def link(p):
-        cls = ' class="mp-current"' if p.href == current else ""
-        return f'<a href="{up}{p.href}"{cls}>{_html.escape(p.title)}</a>'
-    parts = [f'<nav class="mp-sidebar"><h3>mri_protodiff</h3>']
-    for sec, name in (("home", None), ("library", "Library chapters"), ("experiments", "Experiments (executed)")):
-        ps = [p for p in pages if p.section == sec]
-        if name and ps: parts.append(f"<h4>{name}</h4>")
-        parts += [link(p) for p in ps]
-    parts.append(f'<div class="mp-builder">built with {_html.escape(builder)}</div></nav>')
-    return _SIDEBAR_CSS + "".join(parts)
+def sphinx_conf(
+    title:str, # the site's title (sidebar and browser tab)
+) -> str:
+    "The site's Sphinx `conf.py`: MyST-NB for notebooks and markdown, autodoc with docments, sphinx-book-theme, offline."
+    cfg = dict(project="mri_protodiff", html_title=title, extensions=["myst_nb", "sphinx.ext.autodoc"],
+               exclude_patterns=["_doctrees", "**.ipynb_checkpoints"],
+               nb_execution_mode="off",                  # chapters come executed (the cache), experiments by papermill
+               nb_merge_streams=True, nb_render_markdown_format="myst", myst_heading_anchors=3,
+               suppress_warnings=["myst.header", "mystnb.unknown_mime_type", "misc.highlighting_failure"],
+               autodoc_member_order="bysource", autodoc_typehints="signature", default_role="literal",
+               html_theme="sphinx_book_theme", html_static_path=["_static"], html_css_files=["site.css"],
+               author="mri_protodiff developers", html_copy_source=False, html_show_sourcelink=False,
+               html_context={"default_mode": "light"},   # without it the theme logs an error on a fresh browser profile
+               html_theme_options={"home_page_in_toc": True, "show_toc_level": 2, "use_download_button": False,
+                                   "use_fullscreen_button": False, "use_repository_button": False,
+                                   "secondary_sidebar_items": {"**": ["page-toc"], "index": []}})
+    return ("# Written by mri_protodiff.reproduce.build_site: the Sphinx configuration of this run's site.\n"
+            "from mri_protodiff.reproduce import sphinx_setup as setup\n\n"
+            + "\n".join(f"{k} = {v!r}" for k, v in cfg.items()) + "\n")
 
-def _index_markdown(run:RunDir, pages:list, builder:str, page_ext:str=".html") -> str:
-    "The index page as markdown: run, builder, tables, figures, stages, pages."
-    m = run.manifest; prof = m.get("profile", {}); git = m.get("git", {})
-    lines = [f"# Run `{run.root.name}`", "",
-             f"*Site built with **{builder}** on {_dt.datetime.now().isoformat(timespec='seconds')}.*", "",
-             f"Profile **{prof.get('name', '?')}**, created {m.get('created', '?')}, "
-             f"code at git commit `{git.get('commit') or 'unknown'}`" + (" (uncommitted changes)" if git.get("dirty") else "") + ".", ""]
-    for t in sorted((run/"tables").glob("*.md")) if (run/"tables").is_dir() else []:
-        lines += [f"## Table: {t.stem.replace('_', ' ')}", "", t.read_text(encoding="utf-8").strip(), ""]
-    figs = sorted((run/"figures").glob("*.html")) if (run/"figures").is_dir() else []
-    if figs:
-        lines += ["## Figures", ""] + [f"- [{f.stem}](figures/{f.name})" + (f" ([png](figures/{f.stem}.png))" if f.with_suffix(".png").exists() else "")
-                                       for f in figs] + [""]
-    stages = m.get("stages", {})
-    if stages:
-        lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
-        lines += [f"| {k} | {v.get('status')} | {v.get('seconds', '')} |" for k, v in stages.items()] + [""]
-    for sec, name in (("library", "Library chapters"), ("experiments", "Experiment notebooks (as executed)")):
-        ps = [p for p in pages if p.section == sec]
-        if ps: lines += [f"## {name}", ""] + [f"- [{p.title}]({p.href[:-len('.html')]}{page_ext})" for p in ps] + [""]
-    return "\n".join(lines)
+def _toctree(caption:str, docs:list) -> str:
+    return "\n".join(["```{toctree}", ":hidden:", f":caption: {caption}", "", *docs, "```", ""]) if docs else ""
+
+def _api_markdown(module:str, chapter:SitePage|None) -> str:
+    src = f"From the chapter [{chapter.title}](../library/{Path(chapter.href).stem}.ipynb).\n\n" if chapter else ""
+    return (f"# mri_protodiff.{module}\n\n{src}```{{eval-rst}}\n.. automodule:: mri_protodiff.{module}\n"
+            "   :members:\n   :undoc-members:\n```\n")
+
+# %% ../nbs/16_reproduce.ipynb #c1db38ec
+def _stage(path:Path, data:str|bytes) -> None:
+    "Write `path` unless it holds `data` already (Sphinx then reads again only the sources that changed)."
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data: return
+    atomic_write(path, data)
+
+def _run_sphinx(src:Path, out:Path) -> list[str]:
+    "Build `src` into `out` with Sphinx in this process (doctrees kept in src/_doctrees); its warnings, one line each."
+    from sphinx.application import Sphinx
+    from sphinx.util.docutils import docutils_namespace, patch_docutils
+    status, warning = io.StringIO(), io.StringIO()
+    made = not (out.parent/"jupyter_execute").exists()
+    with patch_docutils(src), docutils_namespace():
+        app = Sphinx(str(src), str(src), str(out), str(src/"_doctrees"), "html", status=status, warning=warning,
+                     freshenv=False, verbosity=0)
+        app.build()
+    if made: shutil.rmtree(out.parent/"jupyter_execute", ignore_errors=True)   # MyST-NB's image folder: copied into the site
+    return [re.sub(r"\x1b\[[0-9;]*m", "", l) for l in warning.getvalue().splitlines() if l.strip()]
+
+def _build_sphinx(run:RunDir, pages:list, nbs:list, out:Path, chapters:list) -> SiteResult:
+    import sphinx, myst_nb, sphinx_book_theme
+    from plotly.offline import get_plotlyjs
+    builder = f"Sphinx {sphinx.__version__} + MyST-NB {myst_nb.__version__} + sphinx-book-theme {sphinx_book_theme.__version__}"
+    src = run/"site_src"
+    if src.exists() and not (src/"conf.py").is_file(): shutil.rmtree(src)      # staged for Quarto before: start afresh
+    keep = set()
+    def stage(rel, data): keep.add(rel); _stage(src/rel, data)
+    for page, nb in zip(pages, nbs): stage(f"{page.section}/{Path(page.href).stem}.ipynb", nbformat.writes(nb))
+    lib = {Path(p.href).stem: p for p in pages if p.section == "library"}
+    chapter_of = {}
+    for p in chapters:
+        m = default_exp(p)
+        if m and p.stem in lib: chapter_of[m] = lib[p.stem]
+    api = [SitePage("api", f"mri_protodiff.{m}", f"api/{m}.html") for m in api_modules(chapters)]
+    for a in api: stage(f"api/{Path(a.href).stem}.md", _api_markdown(Path(a.href).stem, chapter_of.get(Path(a.href).stem)))
+    md, problems = _index_markdown(run, pages, builder)
+    docs = lambda sec: [f"{p.section}/{Path(p.href).stem}" for p in pages + api if p.section == sec]
+    stage("index.md", '```{raw} html\n<div class="mp-landing"></div>\n```\n\n' + md + "\n"
+          + _toctree("Experiments (as they ran)", docs("experiments")) + _toctree("Library chapters", docs("library"))
+          + _toctree("API reference", docs("api")))
+    stage("conf.py", sphinx_conf(f"mri_protodiff: run {run.root.name}"))
+    stage("_static/plotly.min.js", get_plotlyjs()); stage("_static/site.css", SITE_CSS)
+    for sub in ("experiments", "library", "api", "_static"):                   # pages gone since the last build
+        for p in (src/sub).glob("*") if (src/sub).is_dir() else []:
+            if p.is_file() and f"{sub}/{p.name}" not in keep: p.unlink()
+    if out.exists() and not (out/".buildinfo").is_file(): shutil.rmtree(out)  # not Sphinx's: start afresh
+    problems += _run_sphinx(src, out)
+    site_pages = [SitePage("home", "Results", "index.html")] + pages + api
+    hrefs = {p.href for p in site_pages}
+    for sub in ("experiments", "library", "api"):                               # their built pages too
+        for p in (out/sub).glob("*.html") if (out/sub).is_dir() else []:
+            if f"{sub}/{p.name}" not in hrefs: p.unlink()
+    return SiteResult(builder, out/"index.html", site_pages, problems)
 
 # %% ../nbs/16_reproduce.ipynb #556f6f66
 def build_site(
     run:RunDir|str|Path, # the run (its notebooks/, tables/, figures/)
     library:str|Path|None=None, # folder of library chapters (default: the repository's nbs/)
-    builder:str="auto", # "auto" (Quarto if on the PATH), "quarto" or "nbconvert"
-    execute_library:bool=False, # execute the chapters before rendering (slow) instead of showing them as they are
-    timeout:int=600, # seconds per cell when executing
+    builder:str="auto", # "auto" (Quarto if on the PATH, else Sphinx), "quarto" or "sphinx"
+    execute_library:bool=True, # show the chapters executed (from the cache; executing those not in it) rather than as they are
+    timeout:int=600, # seconds per cell when executing a chapter
+    cache:str|Path|None=None, # folder of executed chapters (default `site_cache_dir()`)
+    jobs:int=2, # chapters executed at the same time
+    file=None, # where to say which chapters are being executed (default stdout)
 ) -> SiteResult:
-    "Render the library chapters and the run's executed notebooks as a website in run/site/."
+    "Render the library chapters, the run's executed notebooks, the API reference and a landing page as a website in run/site/."
+    from concurrent.futures import ThreadPoolExecutor
     run = run if isinstance(run, RunDir) else RunDir(run)
-    if builder not in ("auto", "quarto", "nbconvert"): raise ValueError(f"builder must be auto, quarto or nbconvert, got {builder!r}")
+    if builder not in ("auto", "quarto", "sphinx"): raise ValueError(f"builder must be auto, quarto or sphinx, got {builder!r}")
     quarto = shutil.which("quarto")
     if builder == "quarto" and quarto is None: raise RuntimeError("--builder quarto: `quarto` is not on the PATH")
-    use_quarto = quarto is not None and builder != "nbconvert"
-    sources = [("library", p) for p in library_notebooks(library)]
-    sources += [("experiments", p) for p in (list_notebooks(run/"notebooks") if (run/"notebooks").is_dir() else [])]
+    use_quarto = quarto is not None and builder != "sphinx"
+    chapters = library_notebooks(library)
+    cache = Path(cache) if cache else site_cache_dir()
+    executed, problems = [], []
+    if execute_library:
+        todo = [p for p in chapters if not _chapter_cache_path(p, cache).is_file()]
+        if todo: print(f"site: executing {len(todo)} library chapter(s) not in the cache {cache} (the first build after a change "
+                       f"takes minutes; later builds read the cache)", file=file or sys.stdout, flush=True)
+        with ThreadPoolExecutor(max(1, jobs)) as ex: lib_nbs = list(ex.map(lambda p: executed_chapter(p, cache, timeout), chapters))
+        executed = [p.name for p, (_, hit) in zip(chapters, lib_nbs) if not hit]
+        lib_nbs = [nb for nb, _ in lib_nbs]
+        problems += [f"library/{p.name}, {e} (shown on its page)" for p, nb in zip(chapters, lib_nbs) for e in cell_errors(nb)]
+    else: lib_nbs = [nbformat.read(p, as_version=4) for p in chapters]
+    sources = [("library", p, nb) for p, nb in zip(chapters, lib_nbs)]
+    sources += [("experiments", p, nbformat.read(p, as_version=4))
+                for p in (list_notebooks(run/"notebooks") if (run/"notebooks").is_dir() else [])]
     nbs, pages = [], []
-    for sec, p in sources:
-        nb = nbformat.read(p, as_version=4)
-        if sec == "library" and execute_library: nb = _execute(nb, p.parent, timeout)
-        nb = clean_notebook(nb)
+    for sec, p, nb in sources:
+        nb = clean_notebook(nb, None if use_quarto else "../_static/plotly.min.js")
+        title = notebook_title(nb, p.stem)
+        if title == p.stem: nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"# {p.stem}"))   # a page needs a title
         nbs.append(nb)
-        pages.append(SitePage(sec, notebook_title(nb, p.stem), f"{sec}/{p.stem}.html", p))
+        pages.append(SitePage(sec, title, f"{sec}/{p.stem}.html", p))
     out = run/"site"
-    if use_quarto: res = _build_quarto(run, pages, nbs, quarto, out)
-    else:
-        why = "quarto not found on the PATH" if quarto is None else "asked for"
-        res = _build_nbconvert(run, pages, nbs, out, f"nbconvert HTML fallback ({why})")
+    res = _build_quarto(run, pages, nbs, quarto, out) if use_quarto else _build_sphinx(run, pages, nbs, out, chapters)
+    res.problems = list(dict.fromkeys(problems + res.problems)); res.executed = executed
+    res.problems_file = atomic_write(run/"site_src"/"problems.txt", "".join(p + "\n" for p in res.problems))
     if (run/"figures").is_dir(): shutil.copytree(run/"figures", out/"figures", dirs_exist_ok=True)
     return res
 
-def _build_nbconvert(run:RunDir, pages:list, nbs:list, out:Path, builder:str) -> SiteResult:
-    import jinja2, mistune
-    from nbconvert import HTMLExporter
-    if out.exists(): shutil.rmtree(out)
-    exporter = HTMLExporter(template_name="lab", extra_loaders=[jinja2.DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})],
-                            template_file="offline.html.j2")
-    home = SitePage("home", "Home", "index.html")
-    allp = [home] + pages
-    for page, nb in zip(pages, nbs):
-        body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": page.title}})
-        body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + _sidebar(allp, page.href, 1, builder), body, count=1)
-        atomic_write(out/page.href, body)
-    md = mistune.create_markdown(plugins=["table"], escape=False)
-    index = out/"index.html"
-    atomic_write(index, f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>mri_protodiff: {_html.escape(run.root.name)}</title>"
-                        "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:24px}table{border-collapse:collapse}"
-                        "td,th{border:1px solid #ccc;padding:3px 8px}</style></head><body>"
-                        + _sidebar(allp, "index.html", 0, builder) + md(_index_markdown(run, pages, builder)) + "</body></html>")
-    return SiteResult(builder, index, allp)
+def problems_note(
+    res:SiteResult, # what `build_site` returned
+    show:int=5, # how many of them to list
+) -> str|None:
+    "Lines for the terminal: what the site could not show as meant (the first `show`, and where all are); None when nothing."
+    if not res.problems: return None
+    lines = [f"site: {len(res.problems)} thing(s) shown differently than meant (all in {res.problems_file}):"]
+    lines += [f"  {p}" for p in res.problems[:show]] + ([f"  ... and {len(res.problems) - show} more"] if len(res.problems) > show else [])
+    return "\n".join(lines)
 
 # %% ../nbs/16_reproduce.ipynb #6a8c9d6b
 def _build_quarto(run:RunDir, pages:list, nbs:list, quarto:str, out:Path) -> SiteResult:
@@ -454,10 +958,11 @@ def _build_quarto(run:RunDir, pages:list, nbs:list, quarto:str, out:Path) -> Sit
     builder = f"quarto {v.stdout.strip() or '(version unknown)'}"
     src = run/"site_src"
     if src.exists(): shutil.rmtree(src)
-    for page, nb in zip(pages, nbs): 
+    for page, nb in zip(pages, nbs):
         (src/page.section).mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, src/page.section/f"{Path(page.href).stem}.ipynb")
-    atomic_write(src/"index.qmd", "---\ntitle: \"mri_protodiff\"\n---\n\n" + _index_markdown(run, pages, builder, ".ipynb"))
+    md, problems = _index_markdown(run, pages, builder, raw="quarto", plotly_src="figures/plotly.min.js")
+    atomic_write(src/"index.qmd", "---\ntitle: \"mri_protodiff\"\n---\n\n" + md)
     repo = repo_dir()
     cfg = _site_config(repo/"_quarto.yml" if repo else None, "index.qmd",
                        [f"{p.section}/{Path(p.href).stem}.ipynb" for p in pages if p.section == "library"],
@@ -467,4 +972,6 @@ def _build_quarto(run:RunDir, pages:list, nbs:list, quarto:str, out:Path) -> Sit
     r = subprocess.run([quarto, "render", str(src)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"quarto render {src} failed (exit {r.returncode}):\n{(r.stderr or r.stdout)[-3000:]}")
-    return SiteResult(builder, out/"index.html", [SitePage("home", "Home", "index.html")] + pages)
+    from plotly.offline import get_plotlyjs
+    _stage(out/"figures"/"plotly.min.js", get_plotlyjs())   # the landing page's figures load it from there
+    return SiteResult(builder, out/"index.html", [SitePage("home", "Results", "index.html")] + pages, problems)

@@ -124,7 +124,7 @@ def test_reproduce_failure_names_cell_and_resumes(experiments, tmp_path, fixed_c
     assert r.stage("notebook:01_data")["status"] == "done" and r.stage("notebook:02_paper")["status"] == "failed"
     failed = nbformat.read(run/"notebooks"/"02_paper.ipynb", as_version=4)           # kept, with the error in it
     assert any(o.output_type == "error" for c in failed.cells if c.cell_type == "code" for o in c.outputs)
-    # fixed: the next run resumes at the failed notebook, and ends by building the site (nbconvert: no quarto here)
+    # fixed: the next run resumes at the failed notebook, and ends by building the site (Sphinx: no quarto here)
     make_nb(experiments/"02_paper.ipynb", PARAMS, LOG.format(name="02_paper"))
     monkeypatch.setattr(R, "library_notebooks", lambda library=None: [])       # the repository's chapters are not needed here
     monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p)/"quarto").exists()))
@@ -132,7 +132,7 @@ def test_reproduce_failure_names_cell_and_resumes(experiments, tmp_path, fixed_c
     assert rc == 0, err
     assert [e["nb"] for e in log(run)[2:]] == ["02_paper", "03_after"]
     assert "01_data.ipynb: skipped" in out
-    assert f"site: {run/'site'/'index.html'} (built with nbconvert HTML fallback" in out
+    assert f"site: {run/'site'/'index.html'} (built with Sphinx" in out
     index = (run/"site"/"index.html").read_text()
     assert "PSNR (dB)" in index and "experiments/03_after.html" in index
 
@@ -170,8 +170,8 @@ def test_site_command_errors(tmp_path):
     RunDir(tmp_path/"r", get_profile("smoke"))
     rc, _, err = run_main("site", "--out", tmp_path/"r", "--library", tmp_path/"nolib")
     assert rc == 2 and "nolib does not exist" in err
-    rc, out, _ = run_main("site", "--out", tmp_path/"r", "--library", tmp_path, "--builder", "nbconvert")
-    assert rc == 0 and "1 pages, built with nbconvert HTML fallback (" in out
+    rc, out, _ = run_main("site", "--out", tmp_path/"r", "--library", tmp_path, "--builder", "sphinx")
+    assert rc == 0 and "pages, built with Sphinx" in out
 
 
 def test_experiments_dir_is_the_repository_one():
