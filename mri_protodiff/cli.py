@@ -225,9 +225,9 @@ def add_site_command(sub) -> None:
     p.add_argument("--builder", choices=("auto", "quarto", "sphinx"), default="auto",
                    help="auto (default): Quarto if it is on the PATH, else Sphinx")
     p.add_argument("--library", default=None, metavar="DIR", help="folder of library chapters (default: nbs/ of this repository)")
-    p.add_argument("--execute-library", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--execute-library", action=argparse.BooleanOptionalAction, default=None,
                    help="show the library chapters executed (default): each is executed after it or the library changed "
-                        "(minutes), else read from the cache; --no-execute-library shows them without outputs")
+                        "(minutes), else read from the cache; --no-execute-library shows them without outputs; default: $MRI_PROTODIFF_SITE_EXECUTE, else yes")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="folder of executed chapters (default: $MRI_PROTODIFF_SITE_CACHE, else ~/.cache/mri_protodiff/site)")
     add_debug_arg(p)

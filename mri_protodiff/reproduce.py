@@ -899,7 +899,7 @@ def build_site(
     run:RunDir|str|Path, # the run (its notebooks/, tables/, figures/)
     library:str|Path|None=None, # folder of library chapters (default: the repository's nbs/)
     builder:str="auto", # "auto" (Quarto if on the PATH, else Sphinx), "quarto" or "sphinx"
-    execute_library:bool=True, # show the chapters executed (from the cache; executing those not in it) rather than as they are
+    execute_library:bool|None=None, # show the chapters executed (from the cache; executing those not in it) rather than as they are; None: yes, unless $MRI_PROTODIFF_SITE_EXECUTE is "0" (the test suite sets it)
     timeout:int=600, # seconds per cell when executing a chapter
     cache:str|Path|None=None, # folder of executed chapters (default `site_cache_dir()`)
     jobs:int=2, # chapters executed at the same time
@@ -915,6 +915,7 @@ def build_site(
     chapters = library_notebooks(library)
     cache = Path(cache) if cache else site_cache_dir()
     executed, problems = [], []
+    if execute_library is None: execute_library = os.environ.get("MRI_PROTODIFF_SITE_EXECUTE", "1") not in ("0", "")
     if execute_library:
         todo = [p for p in chapters if not _chapter_cache_path(p, cache).is_file()]
         if todo: print(f"site: executing {len(todo)} library chapter(s) not in the cache {cache} (the first build after a change "

@@ -5,6 +5,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Results must not depend on the machine's network: no test (nor a command it starts) downloads pretrained weights.
 os.environ.setdefault("MRI_PROTODIFF_OFFLINE", "1")
+# Sites built by tests show the library chapters as they are (executing all of them takes ~13 min); test_site executes its own.
+os.environ.setdefault("MRI_PROTODIFF_SITE_EXECUTE", "0")
 
 @pytest.fixture
 def tmp_run(tmp_path):

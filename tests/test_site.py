@@ -41,6 +41,15 @@ def demo_chapter(path:Path) -> None:
     nbformat.write(nb, path)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _sites_execute_their_chapters():
+    "This file tests the executed chapters (conftest turns execution off for the other test files): its library is one small chapter."
+    old = os.environ.get("MRI_PROTODIFF_SITE_EXECUTE"); os.environ["MRI_PROTODIFF_SITE_EXECUTE"] = "1"
+    yield
+    if old is None: os.environ.pop("MRI_PROTODIFF_SITE_EXECUTE", None)
+    else: os.environ["MRI_PROTODIFF_SITE_EXECUTE"] = old
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     "A smoke run made as a user makes it, and its site built by `mri-protodiff site` with a one-chapter library."
