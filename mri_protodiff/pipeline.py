@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from .core import (Profile, RunDir, get_profile, get_device, open_run, hash_file, hash_inputs, write_json, read_json,
-                                atomic_write, ProfileMismatch)
+                                atomic_write, ProfileMismatch, _rank)
 from .stages import STAGES, Stage, get_stage
 from .phantom import LABELS
 from .data import load_sliceset, CACHE_FILES
@@ -96,7 +96,7 @@ def run_data(
     kind, path = parse_source(source)
     recorded = dict(run.stage("data").get("params") or {})
     rec_source = recorded.pop("source", None)
-    same = rec_source == source or (rec_source is not None and _source_key(rec_source) == _source_key(source))
+    same = rec_source is not None and _source_key(rec_source) == _source_key(source)
     rec_mbf = recorded.pop("min_breast_fraction", 0.0)
     if min_breast_fraction is None: min_breast_fraction = rec_mbf if same else 0.0
     if not options and same: options = recorded
@@ -111,8 +111,6 @@ def run_data(
 DIFFUSION_FIELDS = ("image_size", "unet_channels", "layers_per_block", "attention_levels", "conditioning",
                     "num_train_timesteps", "beta_schedule", "prediction_type", "train_steps", "batch_size",
                     "learning_rate", "warmup_steps", "ema_decay", "grad_clip", "mixed_precision", "seed")
-
-def _rank() -> int: return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 def _diffusion_inputs(run:RunDir, checkpoint) -> dict:
     prof = run.profile

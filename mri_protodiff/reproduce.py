@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 import nbformat
-from .core import RunDir, open_run, hash_file, hash_inputs, atomic_write, read_json, _package_dir
+from .core import RunDir, open_run, hash_file, hash_inputs, atomic_write, read_json, _package_dir, LOCK_ENV, STAGE_ENV
 from .pipeline import profile_overrides, LABELS_FILE
 from .viz import PNG_HELP, find_browser, figure_html, method_label
 
@@ -21,7 +21,7 @@ __all__ = ['OPTIONAL_NOTEBOOKS', 'NOTEBOOK_PARAMETERS', 'LONG_TABLE_ROWS', 'LAND
            'progress_text', 'split_stderr', 'clean_notebook', 'notebook_title', 'site_cache_dir', 'executed_chapter',
            'cell_errors', 'rst_text', 'docments_fields', 'sphinx_setup', 'default_exp', 'api_modules', 'read_figure',
            'embed_figure', 'provenance', 'quarto_config', 'write_quarto_yml', 'SitePage', 'SiteResult',
-           'library_notebooks', 'sphinx_conf', 'build_site', 'problems_note']
+           'library_notebooks', 'mathjax_js', 'sphinx_conf', 'build_site', 'problems_note']
 
 # %% ../nbs/16_reproduce.ipynb #35d4340c
 OPTIONAL_NOTEBOOKS = ("07_groundtruth",)  # experiment notebooks `reproduce` runs only when asked (`--groundtruth`)
@@ -365,10 +365,11 @@ def site_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home()/".cache")/"mri_protodiff"/"site"
 
 def _execute(nb, cwd:Path, timeout:int):
-    "Run every cell of `nb` (in place), in folder `cwd`; a cell's error stays in its outputs."
+    "Run every cell of `nb` (in place), in folder `cwd`, in a kernel outside the calling command's run; a cell's error stays in its outputs."
     from nbclient import NotebookClient
+    env = {k: v for k, v in os.environ.items() if k not in (LOCK_ENV, STAGE_ENV)}   # the chapter is not part of the run
     NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(cwd)}},
-                   extra_arguments=["--IPKernelApp.log_level=ERROR"]).execute()   # not its "running over TCP" warning
+                   extra_arguments=["--IPKernelApp.log_level=ERROR"]).execute(env=env)   # not its "running over TCP" warning
     return nb
 
 def _chapter_cache_path(path:Path, cache:Path) -> Path:
@@ -811,6 +812,11 @@ details.mp-long-table > summary { cursor: pointer; color: var(--pst-color-link);
 .cell_output .output { overflow-x: auto; }
 """
 
+def mathjax_js() -> Path:
+    "MathJax 3's TeX-to-SVG bundle (one file, fonts included), from the `django-static-mathjax` wheel (it needs no Django)."
+    import mathjax
+    return Path(mathjax.__file__).parent/"static"/"mathjax"/"es5"/"tex-svg.js"
+
 def sphinx_conf(
     title:str, # the site's title (sidebar and browser tab)
 ) -> str:
@@ -819,6 +825,9 @@ def sphinx_conf(
                exclude_patterns=["_doctrees", "**.ipynb_checkpoints"],
                nb_execution_mode="off",                  # chapters come executed (the cache), experiments by papermill
                nb_merge_streams=True, nb_render_markdown_format="myst", myst_heading_anchors=3,
+               myst_enable_extensions=["dollarmath", "amsmath"],  # the chapters' $...$ and $$...$$ formulas
+               myst_dmath_allow_space=False,            # "$5 and $10" stays text: math starts and ends next to a $
+               mathjax_path="mathjax/tex-svg.js",       # MathJax 3 from _static: formulas drawn offline, no font files
                suppress_warnings=["myst.header", "mystnb.unknown_mime_type", "misc.highlighting_failure"],
                autodoc_member_order="bysource", autodoc_typehints="signature", default_role="literal",
                html_theme="sphinx_book_theme", html_static_path=["_static"], html_css_files=["site.css"],
@@ -882,6 +891,7 @@ def _build_sphinx(run:RunDir, pages:list, nbs:list, out:Path, chapters:list) -> 
           + _toctree("API reference", docs("api")))
     stage("conf.py", sphinx_conf(f"mri_protodiff: run {run.root.name}"))
     stage("_static/plotly.min.js", get_plotlyjs()); stage("_static/site.css", SITE_CSS)
+    stage("_static/mathjax/tex-svg.js", mathjax_js().read_bytes())
     for sub in ("experiments", "library", "api", "_static"):                   # pages gone since the last build
         for p in (src/sub).glob("*") if (src/sub).is_dir() else []:
             if p.is_file() and f"{sub}/{p.name}" not in keep: p.unlink()

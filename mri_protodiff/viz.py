@@ -18,12 +18,12 @@ from .core import atomic_write, read_json
 
 # %% auto #0
 __all__ = ['METHOD_LABELS', 'METHOD_COLORS', 'OTHER_COLORS', 'VARIANT_STYLES', 'GROUP_STYLES', 'INTENSITY_LABEL', 'NIS_LABEL',
-           'PLOTLY_CONFIG', 'PNG_HELP', 'SITE_INDEX', 'LABEL_COLORS', 'MASK_OPACITY', 'LABEL_PALETTE', 'method_label',
-           'shade', 'split_series', 'variant_style', 'series_style', 'method_color', 'design_size', 'figure_html',
-           'notebook_html', 'show', 'MissingBrowserWarning', 'find_browser', 'figure_title', 'figure_page',
-           'save_figure', 'wrap_title', 'label_color', 'image_grid', 'trajectory_figure', 'nis_histogram',
-           'bar_with_ci', 'line_with_band', 'log_ticks', 'training_curve', 'TrajectoryExplorer', 'trajectory_explorer',
-           'load_push_records', 'InfluenceExplorer', 'influence_explorer']
+           'PLOTLY_CONFIG', 'PNG_HELP', 'SITE_INDEX', 'LABEL_COLORS', 'MASK_OPACITY', 'LABEL_PALETTE',
+           'TRAJECTORY_ROWS', 'method_label', 'shade', 'split_series', 'variant_style', 'series_style', 'method_color',
+           'design_size', 'figure_html', 'notebook_html', 'show', 'MissingBrowserWarning', 'find_browser',
+           'figure_title', 'figure_page', 'save_figure', 'wrap_title', 'label_color', 'image_grid', 'trajectory_figure',
+           'nis_histogram', 'bar_with_ci', 'line_with_band', 'log_ticks', 'training_curve', 'TrajectoryExplorer',
+           'trajectory_explorer', 'load_push_records', 'InfluenceExplorer', 'influence_explorer']
 
 # %% ../nbs/12_viz.ipynb #32cc77ca
 METHOD_LABELS = {"ppnet": "PPNet", "eppnet": "EPPNet", "protopool": "ProtoPool",
@@ -379,9 +379,12 @@ def _unpack_trajectory(traj, x_t, x0_hat, noise_map):
 def _row_colorbar(fig:go.Figure, row:int, title:str) -> dict:
     "A colour bar beside grid row `row` (1-based), as tall as the row."
     lo, hi = fig.get_subplot(row, 1).yaxis.domain
-    return dict(title=dict(text=title, side="top"), len=(hi - lo)*0.8, y=(lo + hi)/2, yanchor="middle", thickness=12, nticks=3)
+    return dict(title=dict(text=title, side="top", font_size=11), len=(hi - lo)*0.8, y=(lo + hi)/2, yanchor="middle",
+                thickness=12, nticks=3, tickfont_size=10)
 
 # %% ../nbs/12_viz.ipynb #641f3a51
+TRAJECTORY_ROWS = {"x_t": "the noisy latent", "x̂₀": "the clean estimate", "|ε̂|": "the noise map (min-max scaled)"}
+
 def trajectory_figure(
     timesteps, # (T,) timesteps of the snapshots, or a `Trajectory` (then leave the other arrays out)
     x_t=None, # (T,1,H,W) noisy latents
@@ -392,8 +395,9 @@ def trajectory_figure(
 ) -> go.Figure:
     "The paper's trajectory figure: rows x_t, x̂₀ and the noise-prediction map; columns the recorded timesteps."
     ts, xt, x0, nm = _check_trajectory(*_unpack_trajectory(timesteps, x_t, x0_hat, noise_map))
-    fig = _grid_figure(3, len(ts), title, ["x_t (noisy latent)", "x̂₀ (clean estimate)", "noise map |ε̂|"],
-                       [f"t = {int(t)}" for t in ts], panel_px, colorbar_room=70)
+    fig = _grid_figure(3, len(ts), title, list(TRAJECTORY_ROWS), [f"t = {int(t)}" for t in ts], panel_px, colorbar_room=70)
+    key = " · ".join(f"{k}: {v}" for k, v in TRAJECTORY_ROWS.items())   # short row labels fit a row scaled to the page
+    fig.update_layout(title_subtitle_text=key, margin_t=fig.layout.margin.t + 18, height=fig.layout.height + 18)
     last = len(ts)
     for c, t in enumerate(ts):
         for r, (a, lo, hi, cs, hv) in enumerate(((xt, -1, 1, "gray", INTENSITY_LABEL), (x0, -1, 1, "gray", INTENSITY_LABEL),

@@ -31,6 +31,7 @@ def demo_chapter(path:Path) -> None:
     code = nbformat.v4.new_code_cell
     nb.cells = [code("#| default_exp demo"),
                 nbformat.v4.new_markdown_cell(f"# Demo chapter\n> the {WORD} chapter, executed for the site"),
+                nbformat.v4.new_markdown_cell("Inline $s_j = \\frac{a_j}{\\sum_k a_k}$ and displayed\n\n$$\\mathrm{NIS}_j = \\frac{s_j - \\min s}{\\max s - \\min s}$$"),
                 code("#| export\ndef f(x): return x + 1"),
                 code("#| hide\nimport json as secret_thing, warnings\ndef noisy(): warnings.warn('a demo warning for the page')"),
                 code("f(41)"),
@@ -227,6 +228,20 @@ def test_chapter_outputs_as_a_reader_sees_them(smoke):
     assert page.count('<script src="../_static/plotly.min.js"') == 1 and R._PLOTLYJS_MARK not in page
     api = (smoke["site"]/"api"/"reproduce.html").read_text(encoding="utf-8")
     assert "build_site" in api and "folder of executed chapters" in api   # a docment, as the parameter's description
+
+
+@needs_chromium
+def test_formulas_are_drawn_offline(smoke, browser):
+    "The chapters' $...$ and $$...$$ are typeset by the site's own MathJax (SVG), not left as TeX."
+    r = browser.open(smoke["site"]/"library"/"00_demo.html", settle=0.5)
+    assert r["errors"] == []
+    t0, n = time.time(), 0
+    while time.time() - t0 < 20 and n < 2:
+        n = browser.eval("document.querySelectorAll('mjx-container svg').length") or 0
+        time.sleep(0.2)
+    assert n == 2, f"{n} formulas drawn, 2 expected"
+    assert browser.eval("document.querySelectorAll('mjx-container[display=\"true\"]').length") == 1
+    assert any("_static/mathjax/tex-svg.js" in u for u in r["fetched"]), r["fetched"]
 
 
 def test_experiment_pages_load_plotlyjs_from_the_site(smoke):

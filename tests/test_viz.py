@@ -57,7 +57,8 @@ def test_trajectory_figure_rows_columns_and_data():
         np.testing.assert_allclose(fig.data[3*c].z, xt[c, 0]); np.testing.assert_allclose(fig.data[3*c + 2].z, nm[c])
     assert fig.data[2].zmin == 0 and fig.data[2].zmax == 1 and fig.data[0].zmin == -1
     assert [fig.layout[f"yaxis{'' if r == 0 else r*T + 1}"].title.text for r in range(3)] == \
-        ["x_t<br>(noisy latent)", "x̂₀<br>(clean estimate)", "noise map |ε̂|"]     # two lines: they fit a scaled-down row
+        ["x_t", "x̂₀", "|ε̂|"]                                        # short: they fit a row scaled down to the page
+    assert fig.layout.title.subtitle.text.startswith("x_t: the noisy latent · x̂₀: the clean estimate")
     assert sum(bool(t.showscale) for t in fig.data) == 2
     class Traj:  # a trajectory.Trajectory-like object
         timesteps, x_t, x0_hat, noise_map = ts, xt, x0, nm
