@@ -20,7 +20,7 @@ from .core import atomic_write, read_json
 __all__ = ['METHOD_LABELS', 'METHOD_COLORS', 'OTHER_COLORS', 'VARIANT_STYLES', 'GROUP_STYLES', 'INTENSITY_LABEL', 'NIS_LABEL',
            'PLOTLY_CONFIG', 'PNG_HELP', 'SITE_INDEX', 'LABEL_COLORS', 'MASK_OPACITY', 'LABEL_PALETTE',
            'TRAJECTORY_ROWS', 'method_label', 'shade', 'split_series', 'variant_style', 'series_style', 'method_color',
-           'design_size', 'figure_html', 'notebook_html', 'show', 'MissingBrowserWarning', 'find_browser',
+           'design_size', 'figure_html', 'notebook_html', 'show', 'MissingBrowserWarning', 'find_browser', 'png_bytes',
            'figure_title', 'figure_page', 'save_figure', 'wrap_title', 'label_color', 'image_grid', 'trajectory_figure',
            'nis_histogram', 'bar_with_ci', 'line_with_band', 'log_ticks', 'training_curve', 'TrajectoryExplorer',
            'trajectory_explorer', 'load_push_records', 'InfluenceExplorer', 'influence_explorer']
@@ -167,6 +167,30 @@ def _start_kaleido() -> None:
         except Exception as e: warnings.warn(f"kaleido.start_sync_server failed ({e}); one browser per PNG instead")
     _KALEIDO_SERVER = True
 
+def png_bytes(
+    fig, # the figure
+    width:int, height:int, # size in CSS pixels
+    scale:float=2, # pixel density
+    tries:int=3, # attempts before giving up
+) -> bytes:
+    "The PNG of `fig` drawn by kaleido; when its browser tab fails (seen under heavy load: `kaleido_scopes is not defined`), kaleido is restarted and asked again."
+    global _KALEIDO_SERVER
+    for i in range(tries):
+        _start_kaleido()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "kopts argument is ignored if using a server"
+                return fig.to_image(format="png", width=width, height=height, scale=scale)
+        except (ValueError, TypeError): raise    # the figure or the arguments are wrong: asking again would not help
+        except Exception as e:
+            if i == tries - 1:
+                raise RuntimeError(f"kaleido could not draw the PNG in {tries} tries: {type(e).__name__}: {str(e)[:300]}") from e
+            import kaleido
+            if hasattr(kaleido, "stop_sync_server"):
+                try: kaleido.stop_sync_server(silence_warnings=True)
+                except Exception: pass
+            _KALEIDO_SERVER = False
+
 def _run_root(run) -> Path:
     "The folder of a `RunDir` or a path."
     return Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
@@ -235,12 +259,8 @@ def save_figure(
         msg = f"wrote {html_path} but not {png_path.name}: {PNG_HELP}"
         if png: raise RuntimeError(msg)
         warnings.warn(msg, MissingBrowserWarning, stacklevel=2); return out
-    _start_kaleido()
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "kopts argument is ignored if using a server"
-        img = fig.to_image(format="png", width=width or fig.layout.width or 900,
-                           height=height or fig.layout.height or 500, scale=scale)
+    img = png_bytes(fig, width or fig.layout.width or 900, height or fig.layout.height or 500, scale)
     atomic_write(png_path, img)
     atomic_write(html_path, page(True))   # now with the link to the PNG
     out.update(png=png_path, png_seconds=round(time.perf_counter() - t0, 3))
