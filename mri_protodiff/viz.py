@@ -396,11 +396,11 @@ def _unpack_trajectory(traj, x_t, x0_hat, noise_map):
         raise ValueError("pass a Trajectory or all of timesteps, x_t, x0_hat and noise_map")
     return traj, x_t, x0_hat, noise_map
 
-def _row_colorbar(fig:go.Figure, row:int, title:str) -> dict:
-    "A colour bar beside grid row `row` (1-based), as tall as the row."
+def _row_colorbar(fig:go.Figure, row:int, title:str, zmin:float, zmax:float) -> dict:
+    "A colour bar beside grid row `row` (1-based), as tall as the row, labelled at its two ends (they stay apart when the figure is scaled down)."
     lo, hi = fig.get_subplot(row, 1).yaxis.domain
     return dict(title=dict(text=title, side="top", font_size=11), len=(hi - lo)*0.8, y=(lo + hi)/2, yanchor="middle",
-                thickness=12, nticks=3, tickfont_size=10)
+                thickness=12, tickvals=[zmin, zmax], tickfont_size=10)
 
 # %% ../nbs/12_viz.ipynb #641f3a51
 TRAJECTORY_ROWS = {"x_t": "the noisy latent", "x̂₀": "the clean estimate", "|ε̂|": "the noise map (min-max scaled)"}
@@ -417,14 +417,14 @@ def trajectory_figure(
     ts, xt, x0, nm = _check_trajectory(*_unpack_trajectory(timesteps, x_t, x0_hat, noise_map))
     fig = _grid_figure(3, len(ts), title, list(TRAJECTORY_ROWS), [f"t = {int(t)}" for t in ts], panel_px, colorbar_room=70)
     key = " · ".join(f"{k}: {v}" for k, v in TRAJECTORY_ROWS.items())   # short row labels fit a row scaled to the page
-    fig.update_layout(title_subtitle_text=key, margin_t=fig.layout.margin.t + 18, height=fig.layout.height + 18)
+    fig.update_layout(title_subtitle_text=key, margin_t=fig.layout.margin.t + 30, height=fig.layout.height + 30)
     last = len(ts)
     for c, t in enumerate(ts):
         for r, (a, lo, hi, cs, hv) in enumerate(((xt, -1, 1, "gray", INTENSITY_LABEL), (x0, -1, 1, "gray", INTENSITY_LABEL),
                                                 (nm, 0, 1, "Inferno", "mean |ε̂| (min-max scaled)"))):
             tr = _image_trace(a[c], f"{['x_t', 'x0_hat', 'noise map'][r]} at t={int(t)}", lo, hi, cs, hover=hv)
             if c == last - 1 and r in (1, 2):
-                tr.update(showscale=True, colorbar=_row_colorbar(fig, r + 1, "intensity" if r == 1 else "|ε̂| scaled"))
+                tr.update(showscale=True, colorbar=_row_colorbar(fig, r + 1, "intensity" if r == 1 else "|ε̂| scaled", lo, hi))
             fig.add_trace(tr, row=r + 1, col=c + 1)
     return fig
 
